@@ -1,0 +1,232 @@
+"""webdataset pipelines: shards -> decoded, transformed, tokenized batches.
+
+A sample holds one image (``png``/``jpg``/``jpeg``/``webp``) and captions: a ``json`` with a list under
+``captions`` (or the configured key; a single string is accepted) or a ``txt`` file. A sample that cannot be
+used (corrupt image, missing or empty caption) is skipped and counted; tar-level errors are counted per
+shard. The counts ride along with the batches (``batch["skipped"]``) because decoding runs in DataLoader
+worker processes whose counters the training process cannot see.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+import webdataset as wds
+from PIL import Image
+from webdataset.filters import _shuffle
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
+
+
+class NoUsableSamplesError(RuntimeError):
+    pass
+
+
+def expand_shards(shards: str | Sequence[str]) -> list[str]:
+    """Brace patterns (``train-{000000..000011}.tar``) and lists of them, expanded to a flat list."""
+    if isinstance(shards, str):
+        shards = [shards]
+    urls: list[str] = []
+    for s in shards:
+        urls.extend(wds.shardlists.expand_urls(str(s)))
+    return urls
+
+
+def missing_local_shards(urls: Sequence[str]) -> list[str]:
+    return [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).exists()]
+
+
+def sample_id_to_int(sample_id: str) -> int:
+    """A stable int64 for a string id, so ids can be gathered across ranks as tensors."""
+    return int.from_bytes(hashlib.blake2b(sample_id.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+class SkipCounter:
+    """Counts unusable samples by reason in the process that decodes them; ``take()`` drains the counts."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def add(self, reason: str, where: str = "") -> None:
+        self.counts[reason] += 1
+        # the first few of each kind are worth a line in the log; after that the counts tell
+        if self.counts[reason] <= 3:
+            log.warning("skipped sample (%s) %s", reason, where)
+
+    def tar_error(self, exn: Exception) -> bool:
+        self.add("tar_error", " ".join(str(a) for a in exn.args))
+        return True  # keep going with the next sample or shard
+
+    def take(self) -> dict[str, int]:
+        counts, self.counts = dict(self.counts), Counter()
+        return counts
+
+
+def read_captions(sample: dict, caption_key: str) -> list[str]:
+    if "json" in sample:
+        meta = json.loads(sample["json"])
+        value = meta.get(caption_key) if isinstance(meta, dict) else None
+    elif "txt" in sample:
+        value = sample["txt"].decode("utf-8")
+    else:
+        value = None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        return []
+    return [c.strip() for c in value if isinstance(c, str) and c.strip()]
+
+
+def read_image(sample: dict) -> Image.Image:
+    for key in IMAGE_KEYS:
+        if key in sample:
+            with Image.open(io.BytesIO(sample[key])) as img:
+                return img.convert("RGB")  # convert() forces the full decode, so truncation shows here
+    raise KeyError(f"no image among {IMAGE_KEYS}")
+
+
+def decode(sample: dict, caption_key: str, skips: SkipCounter) -> dict | None:
+    where = f"{sample.get('__key__')} in {sample.get('__url__')}"
+    try:
+        captions = read_captions(sample, caption_key)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        skips.add("bad_caption", where)
+        return None
+    if not captions:
+        skips.add("missing_caption", where)
+        return None
+    try:
+        image = read_image(sample)
+    except Exception:  # PIL raises many types for corrupt data
+        skips.add("bad_image", where)
+        return None
+    return {"image": image, "captions": captions, "id": sample["__key__"]}
+
+
+class _Stages:
+    """Picklable pipeline stages sharing one SkipCounter within each worker process."""
+
+    def __init__(self, tokenizer, transform: Callable, caption_key: str, train: bool):
+        self.tokenizer = tokenizer
+        self.transform = transform
+        self.caption_key = caption_key
+        self.train = train
+        self.skips = SkipCounter()
+
+    def decode_all(self, src: Iterator[dict]) -> Iterator[dict]:
+        for sample in src:
+            out = decode(sample, self.caption_key, self.skips)
+            if out is not None:
+                out["image"] = self.transform(out["image"])
+                yield out
+
+    def collate_train(self, samples: list[dict]) -> dict:
+        # one caption per image per step; several captions of an image take turns across epochs
+        captions = [random.choice(s["captions"]) for s in samples]
+        return {
+            "image": torch.stack([s["image"] for s in samples]),
+            "text": self.tokenizer(captions),
+            "id": torch.tensor([sample_id_to_int(s["id"]) for s in samples]),
+            "skipped": self.skips.take(),
+        }
+
+    def collate_eval(self, samples: list[dict]) -> dict:
+        ids = [sample_id_to_int(s["id"]) for s in samples]
+        captions = [c for s in samples for c in s["captions"]]
+        caption_ids = [i for s, i in zip(samples, ids, strict=True) for _ in s["captions"]]
+        return {
+            "image": torch.stack([s["image"] for s in samples]),
+            "id": torch.tensor(ids),
+            "text": self.tokenizer(captions),
+            "text_id": torch.tensor(caption_ids),
+            "skipped": self.skips.take(),
+        }
+
+
+def _seeded_shuffle(bufsize: int, initial: int):
+    # the generator is seeded when iteration starts, inside the worker, from `random` (which Lightning
+    # seeds per worker and epoch), so every epoch and every worker shuffles differently yet reproducibly
+    def stage(src):
+        return _shuffle(src, bufsize, initial, rng=random.Random(random.getrandbits(64)))
+
+    return stage
+
+
+def build_pipeline(
+    shards: str | Sequence[str],
+    *,
+    tokenizer,
+    transform: Callable,
+    batch_size: int,
+    train: bool,
+    caption_key: str = "captions",
+    shuffle_buffer: int = 2000,
+    resampled: bool = False,
+) -> wds.DataPipeline:
+    urls = expand_shards(shards)
+    stages = _Stages(tokenizer, transform, caption_key, train)
+    steps: list = [wds.ResampledShards(urls) if resampled else wds.SimpleShardList(urls)]
+    if train and not resampled:
+        steps.append(_seeded_shuffle(len(urls), len(urls)))
+    steps += [
+        wds.split_by_node,
+        wds.split_by_worker,
+        wds.tarfile_to_samples(handler=stages.skips.tar_error),
+    ]
+    if train:
+        steps.append(_seeded_shuffle(shuffle_buffer, min(shuffle_buffer, 500)))
+    steps += [
+        stages.decode_all,
+        # training drops the short last batch so every rank gathers equal-sized batches
+        wds.batched(batch_size, collation_fn=stages.collate_train if train else stages.collate_eval, partial=not train),
+    ]
+    return wds.DataPipeline(*steps)
+
+
+def first_usable_sample(shards: str | Sequence[str], caption_key: str = "captions") -> dict:
+    """Reads until one usable sample; raises NoUsableSamplesError naming the shards if there is none."""
+    urls = expand_shards(shards)
+    missing = missing_local_shards(urls)
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards do not exist, e.g. {missing[:3]}")
+    skips = SkipCounter()
+    for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=skips.tar_error)):
+        out = decode(sample, caption_key, skips)
+        if out is not None:
+            return out
+    raise NoUsableSamplesError(
+        f"no usable sample in {len(urls)} shard(s) {urls[:3]}{' ...' if len(urls) > 3 else ''}: "
+        f"skipped {dict(skips.counts) or 'nothing (the shards hold no samples)'}; "
+        f"each sample needs an image ({'/'.join(IMAGE_KEYS)}) and captions (json key '{caption_key}' or txt)"
+    )
+
+
+def iter_captions(shards: str | Sequence[str], caption_key: str = "captions", limit: int | None = None) -> Iterator[str]:
+    """Captions of the shards without decoding images (for training a tokenizer)."""
+    urls = expand_shards(shards)
+    skips = SkipCounter()
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(urls),
+        wds.tarfile_to_samples(handler=skips.tar_error, select_files=lambda name: not name.endswith(IMAGE_KEYS)),
+    )
+    n = 0
+    for sample in pipeline:
+        try:
+            captions = read_captions(sample, caption_key)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        for caption in captions:
+            yield caption
+        n += 1
+        if limit is not None and n >= limit:
+            return

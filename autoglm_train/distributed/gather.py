@@ -1,0 +1,46 @@
+"""all_gather across ranks: with gradient for the loss, padded for variable-size evaluation shards.
+
+Identity (offset 0) when torch.distributed is not initialized, so single-process runs use the same code.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Concatenate ``x`` from all ranks (rank order); gradients flow back to the rank that owns each row.
+
+    Returns the gathered tensor and this rank's row offset into it. Every rank must pass the same shape.
+    """
+    rank, world = rank_and_world()
+    if world == 1:
+        return x, 0
+    # the backward of this all_gather sums the incoming gradients over ranks (reduce-scatter), which is
+    # what makes DDP's gradient average equal the single-process gradient of the global batch
+    return torch.cat(dist_nn.all_gather(x.contiguous()), dim=0), rank * x.shape[0]
+
+
+@torch.no_grad()
+def gather_variable(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate tensors whose first dimension differs across ranks (evaluation shards); no gradient."""
+    _, world = rank_and_world()
+    if world == 1:
+        return x
+    size = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = x.new_zeros((longest, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    chunks = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(chunks, padded)
+    return torch.cat([c[: int(s.item())] for c, s in zip(chunks, sizes, strict=True)], dim=0)

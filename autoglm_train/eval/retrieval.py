@@ -1,0 +1,48 @@
+"""Recall@K for image->text and text->image retrieval, where an image may have several captions.
+
+A query counts as a hit at K when any of its top-K results belongs to it: for an image, any of its
+captions; for a caption, its image. Similarities are computed in chunks of queries, so memory stays at
+chunk x gallery, never queries x gallery.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _hits_at_k(queries, query_ids, gallery, gallery_ids, ks, chunk_size) -> dict[int, float]:
+    kmax = min(max(ks), gallery.shape[0])
+    hits = {k: 0 for k in ks}
+    for start in range(0, queries.shape[0], chunk_size):
+        sims = queries[start : start + chunk_size] @ gallery.T
+        top = sims.topk(kmax, dim=1).indices
+        match = gallery_ids[top] == query_ids[start : start + chunk_size, None]
+        for k in ks:
+            hits[k] += int(match[:, :k].any(dim=1).sum())
+    return {k: hits[k] / queries.shape[0] for k in ks}
+
+
+@torch.no_grad()
+def retrieval_metrics(
+    image_emb: torch.Tensor,
+    image_ids: torch.Tensor,
+    text_emb: torch.Tensor,
+    text_image_ids: torch.Tensor,
+    ks: tuple[int, ...] = (1, 5, 10),
+    chunk_size: int = 1024,
+) -> dict[str, float]:
+    """Keys ``i2t_r{k}``, ``t2i_r{k}`` and ``r1_mean`` (fractions in [0, 1]).
+
+    ``image_ids`` (N) identify images; ``text_image_ids`` (M) name each caption's image. Embeddings are
+    compared by dot product (pass normalized embeddings for cosine similarity).
+    """
+    if image_emb.shape[0] == 0 or text_emb.shape[0] == 0:
+        raise ValueError("retrieval needs at least one image and one caption")
+    if len(torch.unique(image_ids)) != len(image_ids):
+        raise ValueError("image ids must be unique: the same image appears twice in the evaluation set")
+    image_emb, text_emb = image_emb.float(), text_emb.float()
+    i2t = _hits_at_k(image_emb, image_ids, text_emb, text_image_ids, ks, chunk_size)
+    t2i = _hits_at_k(text_emb, text_image_ids, image_emb, image_ids, ks, chunk_size)
+    out = {f"i2t_r{k}": v for k, v in i2t.items()} | {f"t2i_r{k}": v for k, v in t2i.items()}
+    out["r1_mean"] = (out["i2t_r1"] + out["t2i_r1"]) / 2
+    return out

@@ -1,0 +1,33 @@
+"""Callbacks that report on the run."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+
+
+class TrainTimer(L.Callback):
+    """Wall time of the fit, and of the training loop alone (validation excluded) for samples/s."""
+
+    def __init__(self) -> None:
+        self.fit_s = 0.0
+        self.val_s = 0.0
+        self._fit_start = self._val_start = 0.0
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._fit_start = time.perf_counter()
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.fit_s = time.perf_counter() - self._fit_start
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit":
+            self.val_s += time.perf_counter() - self._val_start
+
+    @property
+    def train_s(self) -> float:
+        return max(self.fit_s - self.val_s, 1e-9)

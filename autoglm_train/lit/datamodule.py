@@ -1,0 +1,108 @@
+"""LightningDataModule over webdataset shards (data/shards.py)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import lightning as L
+import timm.data
+import webdataset as wds
+
+from autoglm_train.data.shards import build_pipeline, expand_shards, first_usable_sample, missing_local_shards
+
+log = logging.getLogger(__name__)
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Train and held-out shard sets -> batches.
+
+    ``prepare`` (optional) makes the shards when they are missing, e.g. the embedded shapes set, and returns
+    ``{"train": [...], "val": [...]}``, used where ``train_shards``/``val_shards`` are null;
+    ``missing_hint`` is appended to the error when shards are missing and nothing can make them.
+    Call ``attach(tokenizer, model_data_config)`` before the loaders are asked for: the transform follows
+    the image tower's preprocessing (timm's mean/std/interpolation) at ``image_size``.
+    """
+
+    def __init__(
+        self,
+        train_shards: str | Sequence[str] | None,
+        val_shards: str | Sequence[str] | None,
+        batch_size: int = 128,
+        eval_batch_size: int = 256,
+        num_workers: int = 1,
+        image_size: int = 224,
+        caption_key: str = "captions",
+        shuffle_buffer: int = 2000,
+        resampled: bool = False,
+        augment: dict | None = None,
+        crop_pct: float | None = None,
+        prepare: Callable[[], object] | None = None,
+        missing_hint: str = "",
+    ):
+        super().__init__()
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ValueError("data.batch_size and data.eval_batch_size must be >= 1")
+        self.train_shards, self.val_shards = train_shards, val_shards
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.num_workers, self.image_size = num_workers, image_size
+        self.caption_key, self.shuffle_buffer, self.resampled = caption_key, shuffle_buffer, resampled
+        self.augment, self.crop_pct = augment, crop_pct
+        self.prepare, self.missing_hint = prepare, missing_hint
+        self.tokenizer = None
+        self.train_transform = self.eval_transform = None
+
+    def prepare_data(self) -> None:
+        if self.prepare is not None:
+            made = self.prepare()
+            self.train_shards = self.train_shards or made["train"]
+            self.val_shards = self.val_shards or made["val"]
+        for name, shards in (("train_shards", self.train_shards), ("val_shards", self.val_shards)):
+            urls = expand_shards(shards or [])
+            missing = missing_local_shards(urls)
+            if not urls or missing:
+                raise FileNotFoundError(
+                    f"data.{name}: {len(missing)} of {len(urls)} shards are missing "
+                    f"(first: {missing[:2] or shards}). {self.missing_hint}".strip()
+                )
+            first_usable_sample(urls, self.caption_key)  # no usable sample at all is an error naming them
+
+    def attach(self, tokenizer, model_data_config: dict) -> None:
+        self.tokenizer = tokenizer
+        cfg = timm.data.resolve_data_config(model_data_config)
+        common = {
+            "input_size": (3, self.image_size, self.image_size),
+            "interpolation": cfg["interpolation"],
+            "mean": cfg["mean"],
+            "std": cfg["std"],
+        }
+        crop_pct = self.crop_pct if self.crop_pct is not None else cfg["crop_pct"]
+        self.eval_transform = timm.data.create_transform(**common, is_training=False, crop_pct=crop_pct)
+        if self.augment:
+            self.train_transform = timm.data.create_transform(**common, is_training=True, **self.augment)
+        else:
+            self.train_transform = self.eval_transform
+
+    def _loader(self, train: bool) -> wds.WebLoader:
+        if self.tokenizer is None:
+            raise RuntimeError("ShardDataModule.attach(tokenizer, data_config) must be called before the loaders")
+        pipeline = build_pipeline(
+            self.train_shards if train else self.val_shards,
+            tokenizer=self.tokenizer,
+            transform=self.train_transform if train else self.eval_transform,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            train=train,
+            caption_key=self.caption_key,
+            shuffle_buffer=self.shuffle_buffer,
+            resampled=self.resampled and train,
+        )
+        workers = self.num_workers if train else min(self.num_workers, len(expand_shards(self.val_shards)))
+        return wds.WebLoader(
+            pipeline, batch_size=None, num_workers=workers, persistent_workers=train and workers > 0, prefetch_factor=4 if workers else None
+        )
+
+    def train_dataloader(self) -> wds.WebLoader:
+        return self._loader(train=True)
+
+    def val_dataloader(self) -> wds.WebLoader:
+        return self._loader(train=False)

@@ -1,0 +1,113 @@
+"""LightningModule: model -> objective -> log; retrieval evaluation on the held-out shards."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from autoglm_train.distributed.gather import gather_variable, gather_with_grad
+from autoglm_train.eval.retrieval import retrieval_metrics
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: float, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up from 0, then cosine to ``min_ratio`` at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if not math.isfinite(total_steps) or total_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class DualEncoderModule(L.LightningModule):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        objective: torch.nn.Module,
+        optimizer: Callable,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+        eval_chunk_size: int = 1024,
+        tokenizer_json: str | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["model", "objective", "optimizer", "tokenizer_json"])
+        self.model = model
+        self.objective = objective
+        self.objective.gather = gather_with_grad  # negatives from every rank
+        self.optimizer_factory = optimizer
+        self.tokenizer_json = tokenizer_json
+        self.skipped: Counter[str] = Counter()
+        self.last_val: tuple[int, dict[str, float]] | None = None
+        self._val: dict[str, list[torch.Tensor]] = {}
+
+    # --- training -------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        image, text, logit_scale = self.model(batch["image"], batch["text"])
+        out = self.objective(image, text, logit_scale, batch.get("id"))
+        n = image.shape[0]
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=n)
+        if len(out) > 2:  # several terms: each on its own as well as the total
+            for key, value in out.items():
+                if key != "loss":
+                    self.log(f"train/{key}", value, batch_size=n)
+        self.log("train/logit_scale", logit_scale.detach(), batch_size=n)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
+        self._count_skipped(batch.get("skipped"))
+        return out["loss"]
+
+    def _count_skipped(self, skipped: dict | None) -> None:
+        if skipped:
+            self.skipped.update(skipped)
+            for reason, count in self.skipped.items():
+                self.log(f"data/skipped_{reason}", float(count), reduce_fx="max")
+
+    def configure_optimizers(self):
+        weight_decay = getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
+        optimizer = self.optimizer_factory(self.model.param_groups(weight_decay))
+        hp = self.hparams
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else float("inf")
+        schedule = LambdaLR(optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # --- evaluation -----------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val = {"image": [], "id": [], "text": [], "text_id": []}
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._val["image"].append(self.model.encode_image(batch["image"]).float())
+        self._val["text"].append(self.model.encode_text(batch["text"]).float())
+        self._val["id"].append(batch["id"])
+        self._val["text_id"].append(batch["text_id"])
+        self._count_skipped(batch.get("skipped"))
+
+    def on_validation_epoch_end(self) -> None:
+        # each rank embedded its share of the held-out shards; every rank scores the gathered whole
+        parts = {
+            k: gather_variable(torch.cat(v) if v else torch.empty(0, device=self.device)) for k, v in self._val.items()
+        }
+        self._val = {}
+        if parts["image"].shape[0] == 0:
+            raise RuntimeError("validation produced no samples: check data.val_shards")
+        metrics = retrieval_metrics(
+            parts["image"], parts["id"], parts["text"], parts["text_id"], chunk_size=self.hparams.eval_chunk_size
+        )
+        metrics = {f"val/{k}": v for k, v in metrics.items()}
+        metrics["val/images"] = float(parts["image"].shape[0])
+        metrics["val/captions"] = float(parts["text"].shape[0])
+        self.log_dict(metrics, prog_bar=False)
+        self.last_val = (self.global_step, metrics)
+
+    # --- checkpoint -------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # a checkpoint must be usable alone: keep the tokenizer (vocabulary sizes the text tower) inside it
+        checkpoint["tokenizer_json"] = self.tokenizer_json
+        checkpoint["data_skipped"] = dict(self.skipped)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.skipped = Counter(checkpoint.get("data_skipped", {}))

@@ -1,0 +1,141 @@
+"""The only place that reads the whole config: build data, tokenizer, model, module and trainer; fit;
+evaluate; write metrics.json into the run directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import RichProgressBar
+from omegaconf import DictConfig, open_dict
+from rich.console import Console
+from rich.table import Table
+
+from autoglm_train.data.shards import iter_captions
+from autoglm_train.data.tokenizer import CaptionTokenizer, train_bpe
+from autoglm_train.lit.callbacks import TrainTimer
+from autoglm_train.lit.module import DualEncoderModule
+
+log = logging.getLogger(__name__)
+console = Console()
+
+
+def build_tokenizer(cfg: DictConfig, train_shards, caption_key: str, ckpt_path: str | None) -> CaptionTokenizer:
+    """From the checkpoint being resumed, else from ``tokenizer.path``, else BPE trained on train captions."""
+    if ckpt_path:
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("tokenizer_json")
+        if saved:
+            return CaptionTokenizer.from_json(saved, cfg.context_length)
+    if cfg.path:
+        return CaptionTokenizer.from_file(cfg.path, cfg.context_length)
+    start = time.perf_counter()
+    texts = iter_captions(train_shards, caption_key, limit=cfg.train_samples)
+    tokenizer = train_bpe(texts, cfg.vocab_size, cfg.context_length, cfg.min_frequency)
+    log.info("trained a BPE tokenizer (%d tokens) in %.1fs", tokenizer.vocab_size, time.perf_counter() - start)
+    return tokenizer
+
+
+def build_logger(cfg: DictConfig):
+    if cfg.get("logger") is None:
+        return False
+    return instantiate(cfg.logger)
+
+
+def final_metrics(module: DualEncoderModule, trainer: L.Trainer, datamodule, timer: TrainTimer) -> dict[str, float]:
+    if module.last_val is None or module.last_val[0] != trainer.global_step:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    metrics = dict(module.last_val[1])
+    samples = trainer.global_step * datamodule.batch_size * trainer.world_size
+    metrics.update(
+        {
+            "train/steps": float(trainer.global_step),
+            "train/samples": float(samples),
+            "time/train_s": timer.fit_s,
+            "time/samples_per_s": samples / timer.train_s if trainer.global_step else 0.0,
+            "data/skipped": float(sum(module.skipped.values())),
+        }
+    )
+    for reason, count in module.skipped.items():
+        metrics[f"data/skipped_{reason}"] = float(count)
+    return metrics
+
+
+def print_results(metrics: dict[str, float], output_dir: Path) -> None:
+    table = Table(title=f"Results ({output_dir})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        is_count = key.startswith(("train/steps", "train/samples", "data/")) or key in ("val/images", "val/captions")
+        table.add_row(key, f"{int(value)}" if is_count else f"{value:.4f}")
+    console.print(table)
+
+
+def quiet_library_noise() -> None:
+    # Lightning adds its own console handler; under Hydra the root logger already prints (and files) them
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).handlers.clear()
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    quiet_library_noise()
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    console.print(f"[bold]Run directory:[/bold] {output_dir}")
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg.threads)
+
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()  # makes or checks the shards before anything expensive is built
+
+    tokenizer = build_tokenizer(cfg.tokenizer, datamodule.train_shards, datamodule.caption_key, cfg.ckpt_path)
+    tokenizer.save(output_dir / "tokenizer.json")
+    with open_dict(cfg):
+        cfg.model.text_tower.vocab_size = tokenizer.vocab_size
+    model = instantiate(cfg.model)
+    datamodule.attach(tokenizer, model.image_tower.pretrained_cfg)
+
+    module = DualEncoderModule(
+        model,
+        instantiate(cfg.loss.objective),
+        optimizer=instantiate(cfg.optimizer),
+        warmup_steps=cfg.scheduler.warmup_steps,
+        min_lr_ratio=cfg.scheduler.min_lr_ratio,
+        eval_chunk_size=cfg.eval.chunk_size,
+        tokenizer_json=tokenizer.to_json(),
+    )
+    timer = TrainTimer()
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] + [timer]
+    if cfg.progress_bar:
+        callbacks.append(RichProgressBar())
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=build_logger(cfg),
+        default_root_dir=str(output_dir),
+        enable_progress_bar=bool(cfg.progress_bar),
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    # the final state, whatever the checkpoint callbacks' schedule (Lightning writes it on rank 0)
+    trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")
+    metrics = final_metrics(module, trainer, datamodule, timer)
+
+    if trainer.is_global_zero:
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        print_results(metrics, output_dir)
+        console.print(f"[bold]Run directory:[/bold] {output_dir}")
+    return metrics
+
+
+def objective_value(metrics: dict[str, float], key: str) -> float:
+    """The number a sweeper optimizes; NaN (a failed metric) becomes -inf so it never wins."""
+    value = metrics.get(key, float("nan"))
+    return value if math.isfinite(value) else float("-inf")

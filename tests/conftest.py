@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny shards and tiny composed configs (the full suite runs on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from autoglm_train.data.shapes import write_shapes_shards
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+# small enough to train in seconds on 2 cores, big enough to learn above chance
+TINY = [
+    "data.batch_size=64",
+    "data.eval_batch_size=100",
+    "data.num_workers=0",
+    "data.image_size=32",
+    "data.shuffle_buffer=500",
+    "data.prepare.n_train=3000",
+    "data.prepare.n_val=200",
+    "data.prepare.image_size=32",
+    "data.prepare.samples_per_shard=1000",
+    "model.embed_dim=64",
+    "model.text_tower.width=64",
+    "model.text_tower.depth=1",
+    "model.text_tower.heads=2",
+    "tokenizer.train_samples=2000",
+    "trainer.max_steps=8",
+    "trainer.val_check_interval=4",
+    "trainer.enable_model_summary=false",
+    "scheduler.warmup_steps=2",
+    "logger=csv",
+    "progress_bar=false",
+]
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> Path:
+    """One tiny shapes set shared by the session (same spec as TINY)."""
+    data_dir = tmp_path_factory.mktemp("data")
+    write_shapes_shards(data_dir / "shapes", n_train=3000, n_val=200, image_size=32, samples_per_shard=1000)
+    return data_dir
+
+
+def compose_config(overrides: list[str], output_dir: Path, config_name: str = "train"):
+    """Compose like the entry point does, with the Hydra runtime set so ${hydra:...} resolves."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        del cfg.hydra
+    return cfg
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, shapes_dir):
+    def make(*extra: str, output_dir: Path | None = None):
+        os.environ["AUTOGLM_DATA_DIR"] = str(shapes_dir)
+        return compose_config(TINY + list(extra), output_dir or tmp_path / "run")
+
+    yield make
+    os.environ.pop("AUTOGLM_DATA_DIR", None)
+    GlobalHydra.instance().clear()

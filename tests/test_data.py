@@ -1,0 +1,100 @@
+import io
+import json
+
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from autoglm_train.data.shapes import generate, write_shapes_shards
+from autoglm_train.data.shards import NoUsableSamplesError, build_pipeline, first_usable_sample, iter_captions
+from autoglm_train.data.tokenizer import train_bpe
+from autoglm_train.lit.datamodule import ShardDataModule
+
+
+def to_tensor(img):
+    return torch.from_numpy(__import__("numpy").asarray(img, dtype="float32")).permute(2, 0, 1) / 255
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_bpe((c for s in generate(300, 0, "train", False, 16) for c in json.loads(s["json"])["captions"]), 200, 32)
+
+
+def test_shapes_are_deterministic_and_held_out_captions_unique(tmp_path):
+    a = list(generate(50, seed=3, split="val", unique_captions=True, image_size=32))
+    b = list(generate(50, seed=3, split="val", unique_captions=True, image_size=32))
+    assert [s["png"] for s in a] == [s["png"] for s in b]
+    captions = [c for s in a for c in json.loads(s["json"])["captions"]]
+    assert len(captions) == len(set(captions)) == 100
+    assert "at the" in captions[0] and captions[0].startswith("a ")
+
+
+def test_shapes_written_once_and_reused(tmp_path):
+    out = tmp_path / "shapes"
+    made = write_shapes_shards(out, n_train=120, n_val=40, image_size=16, samples_per_shard=50, val_shards=2)
+    assert len(made["train"]) == 3 and len(made["val"]) == 2
+    stamp = {p: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    assert write_shapes_shards(out, n_train=120, n_val=40, image_size=16, samples_per_shard=50, val_shards=2) == made
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*.tar")} == stamp
+    # another spec regenerates
+    again = write_shapes_shards(out, n_train=60, n_val=40, image_size=16, samples_per_shard=50, val_shards=2)
+    assert len(again["train"]) == 2
+
+
+def test_train_and_eval_batches(shapes_dir, tokenizer):
+    shards = sorted(str(p) for p in (shapes_dir / "shapes").glob("val-*.tar"))
+    train = iter(build_pipeline(shards, tokenizer=tokenizer, transform=to_tensor, batch_size=16, train=True))
+    batch = next(train)
+    assert batch["image"].shape == (16, 3, 32, 32) and batch["text"].shape == (16, 32)
+    assert batch["id"].dtype == torch.int64 and batch["skipped"] == {}
+    evaluation = list(build_pipeline(shards, tokenizer=tokenizer, transform=to_tensor, batch_size=64, train=False))
+    assert sum(b["image"].shape[0] for b in evaluation) == 200  # partial last batch kept
+    assert sum(b["text"].shape[0] for b in evaluation) == 400  # two captions per image, all used
+    ids = torch.cat([b["id"] for b in evaluation])
+    assert set(torch.cat([b["text_id"] for b in evaluation]).tolist()) == set(ids.tolist())
+
+
+def write_bad_shard(path, good: int):
+    png = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(png, format="PNG")
+    png = png.getvalue()
+    caption = json.dumps({"captions": ["a red square"]}).encode()
+    with wds.TarWriter(str(path)) as sink:
+        for i in range(good):
+            sink.write({"__key__": f"good{i}", "png": png, "json": caption})
+        sink.write({"__key__": "truncated", "png": png[: len(png) // 2], "json": caption})
+        sink.write({"__key__": "garbage", "jpg": b"not an image at all", "json": caption})
+        sink.write({"__key__": "nocaption", "png": png, "json": json.dumps({"captions": []}).encode()})
+        sink.write({"__key__": "noimage", "json": caption})
+
+
+def test_bad_samples_are_skipped_and_counted(tmp_path, tokenizer):
+    write_bad_shard(tmp_path / "bad.tar", good=5)
+    batches = list(build_pipeline(str(tmp_path / "bad.tar"), tokenizer=tokenizer, transform=to_tensor, batch_size=2, train=False))
+    assert sum(b["image"].shape[0] for b in batches) == 5
+    skipped = {}
+    for b in batches:
+        for k, v in b["skipped"].items():
+            skipped[k] = skipped.get(k, 0) + v
+    assert skipped == {"bad_image": 3, "missing_caption": 1}
+
+
+def test_no_usable_sample_is_an_error_naming_the_shards(tmp_path):
+    write_bad_shard(tmp_path / "allbad.tar", good=0)
+    with pytest.raises(NoUsableSamplesError, match="allbad.tar") as err:
+        first_usable_sample(str(tmp_path / "allbad.tar"))
+    assert "bad_image" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="do not exist"):
+        first_usable_sample(str(tmp_path / "nothere-{000..002}.tar"))
+
+
+def test_datamodule_fails_fast_with_hint_when_shards_are_missing(tmp_path):
+    dm = ShardDataModule(str(tmp_path / "t-{0..3}.tar"), str(tmp_path / "v.tar"), missing_hint="Make them with X.")
+    with pytest.raises(FileNotFoundError, match=r"data.train_shards: 4 of 4 shards are missing.*Make them with X"):
+        dm.prepare_data()
+
+
+def test_caption_iterator_reads_only_captions(shapes_dir):
+    captions = list(iter_captions(str(shapes_dir / "shapes" / "val-000000.tar"), limit=10))
+    assert len(captions) == 20 and all(isinstance(c, str) for c in captions)
