@@ -85,6 +85,7 @@ def quiet_library_noise() -> None:
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
+    run_start = time.perf_counter()
     quiet_library_noise()
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -127,6 +128,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     # the final state, whatever the checkpoint callbacks' schedule (Lightning writes it on rank 0)
     trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")
     metrics = final_metrics(module, trainer, datamodule, timer)
+    metrics["time/run_s"] = time.perf_counter() - run_start  # data generation, tokenizer and evaluation included
 
     if trainer.is_global_zero:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))

@@ -60,3 +60,12 @@ def test_command_line_run_writes_the_run_directory(shapes_dir, tmp_path):
     assert f"Run directory: {run_dir}" in done.stdout.replace("\n", "")
     assert "val/r1_mean" in done.stdout  # the results table
     assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "metrics.json").exists()
+
+
+def test_wandb_logger_runs_offline_without_an_account(tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = tiny_cfg("logger=wandb", "trainer.max_steps=2", "trainer.val_check_interval=2")
+    train.run(cfg)
+    runs = list((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
