@@ -79,8 +79,9 @@ def print_results(metrics: dict[str, float], output_dir: Path) -> None:
 
 def quiet_library_noise() -> None:
     # Lightning adds its own console handler; under Hydra the root logger already prints (and files) them
-    for name in ("lightning.pytorch", "lightning.fabric"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
 
 
