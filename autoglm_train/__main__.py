@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 def main(cfg: DictConfig) -> float:
     from autoglm_train import train  # imported here so `--help` and `--cfg` answer without loading torch
 
-    return train.objective_value(train.run(cfg), cfg.optimized_metric)
+    return train.entry(cfg)
 
 
 if __name__ == "__main__":

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import RichProgressBar
 from omegaconf import DictConfig, open_dict
@@ -138,7 +139,20 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def objective_value(metrics: dict[str, float], key: str) -> float:
-    """The number a sweeper optimizes; NaN (a failed metric) becomes -inf so it never wins."""
-    value = metrics.get(key, float("nan"))
-    return value if math.isfinite(value) else float("-inf")
+def entry(cfg: DictConfig) -> float:
+    """What ``python -m autoglm_train`` runs: ``run(cfg)``, returning ``cfg.optimized_metric`` for sweepers.
+
+    In a multirun a failing run is recorded (``failed.json`` in its directory, a failed row in the sweep
+    summary; NaN, which Optuna marks as a failed trial) and the sweep goes on. A single run raises.
+    """
+    try:
+        metrics = run(cfg)
+    except Exception as exc:
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            raise
+        log.exception("run failed; the sweep goes on")
+        output_dir = Path(cfg.paths.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "failed.json").write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}"}, indent=2))
+        return float("nan")
+    return metrics.get(cfg.optimized_metric, float("nan"))

@@ -69,3 +69,15 @@ def test_wandb_logger_runs_offline_without_an_account(tiny_cfg, tmp_path, monkey
     train.run(cfg)
     runs = list((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+@pytest.mark.parametrize("loss,columns", [
+    ("infonce_triplet", {"train/loss/infonce", "train/loss/triplet", "train/sched/margin"}),
+    ("siglip", {"train/loss/siglip", "train/sched/siglip_bias"}),
+])
+def test_combined_and_siglip_losses_train_and_log_each_term(tiny_cfg, loss, columns):
+    cfg = tiny_cfg(f"loss={loss}", "loss.margin_warmup_steps=4", "trainer.max_steps=4", "trainer.log_every_n_steps=1")
+    metrics = train.run(cfg)
+    assert metrics["train/steps"] == 4
+    header = (Path(cfg.paths.output_dir) / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert columns <= set(header) and "train/loss" in header

@@ -49,13 +49,12 @@ class DualEncoderModule(L.LightningModule):
     # --- training -------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         image, text, logit_scale = self.model(batch["image"], batch["text"])
-        out = self.objective(image, text, logit_scale, batch.get("id"))
+        out = self.objective(image, text, logit_scale, batch.get("id"), step=self.global_step)
         n = image.shape[0]
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=n)
-        if len(out) > 2:  # several terms: each on its own as well as the total
-            for key, value in out.items():
-                if key != "loss":
-                    self.log(f"train/{key}", value, batch_size=n)
+        for key, value in out.items():  # each term, and every scheduled value, on its own
+            if key != "loss":
+                self.log(f"train/{key}", value, batch_size=n)
         self.log("train/logit_scale", logit_scale.detach(), batch_size=n)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
         self._count_skipped(batch.get("skipped"))
@@ -69,7 +68,11 @@ class DualEncoderModule(L.LightningModule):
 
     def configure_optimizers(self):
         weight_decay = getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
-        optimizer = self.optimizer_factory(self.model.param_groups(weight_decay))
+        groups = self.model.param_groups(weight_decay)
+        loss_params = [p for p in self.objective.parameters() if p.requires_grad]  # e.g. SigLIP's bias
+        if loss_params:
+            groups.append({"params": loss_params, "weight_decay": 0.0})
+        optimizer = self.optimizer_factory(groups)
         hp = self.hparams
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else float("inf")
         schedule = LambdaLR(optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio))
