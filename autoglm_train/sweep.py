@@ -19,8 +19,15 @@ from omegaconf import DictConfig
 log = logging.getLogger(__name__)
 
 SUMMARY_METRICS = (
-    "val/r1_mean", "val/i2t_r1", "val/t2i_r1", "val/i2t_r5", "val/t2i_r5", "val/i2t_r10", "val/t2i_r10",
-    "train/steps", "time/train_s",
+    "val/r1_mean",
+    "val/i2t_r1",
+    "val/t2i_r1",
+    "val/i2t_r5",
+    "val/t2i_r5",
+    "val/i2t_r10",
+    "val/t2i_r10",
+    "train/steps",
+    "time/train_s",
 )
 
 
@@ -68,7 +75,9 @@ def write_summary(sweep_dir: str | Path, metric: str = "val/r1_mean") -> list[di
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r, c) for c in columns) + " |" for r in runs]
-    (sweep_dir / "summary.md").write_text(f"# Sweep summary ({sweep_dir})\n\nSorted by `{metric}`.\n\n" + "\n".join(lines) + "\n")
+    (sweep_dir / "summary.md").write_text(
+        f"# Sweep summary ({sweep_dir})\n\nSorted by `{metric}`.\n\n" + "\n".join(lines) + "\n"
+    )
     return runs
 
 

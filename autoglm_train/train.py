@@ -23,15 +23,19 @@ from autoglm_train.data.shards import iter_captions
 from autoglm_train.data.tokenizer import CaptionTokenizer, train_bpe
 from autoglm_train.lit.callbacks import TrainTimer
 from autoglm_train.lit.module import DualEncoderModule
+from autoglm_train.model.momentum import MomentumEncoder
 
 log = logging.getLogger(__name__)
 console = Console()
 
 
-def build_tokenizer(cfg: DictConfig, train_shards, caption_key: str, ckpt_path: str | None) -> CaptionTokenizer:
+def build_tokenizer(
+    cfg: DictConfig, train_shards, caption_key: str, ckpt_path: str | None
+) -> CaptionTokenizer:
     """From the checkpoint being resumed, else from ``tokenizer.path``, else BPE trained on train captions."""
     if ckpt_path:
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("tokenizer_json")
+        # mmap: only the tokenizer entry is read, not gigabytes of weights
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True).get("tokenizer_json")
         if saved:
             return CaptionTokenizer.from_json(saved, cfg.context_length)
     if cfg.path:
@@ -39,7 +43,9 @@ def build_tokenizer(cfg: DictConfig, train_shards, caption_key: str, ckpt_path: 
     start = time.perf_counter()
     texts = iter_captions(train_shards, caption_key, limit=cfg.train_samples)
     tokenizer = train_bpe(texts, cfg.vocab_size, cfg.context_length, cfg.min_frequency)
-    log.info("trained a BPE tokenizer (%d tokens) in %.1fs", tokenizer.vocab_size, time.perf_counter() - start)
+    log.info(
+        "trained a BPE tokenizer (%d tokens) in %.1fs", tokenizer.vocab_size, time.perf_counter() - start
+    )
     return tokenizer
 
 
@@ -49,11 +55,14 @@ def build_logger(cfg: DictConfig):
     return instantiate(cfg.logger)
 
 
-def final_metrics(module: DualEncoderModule, trainer: L.Trainer, datamodule, timer: TrainTimer) -> dict[str, float]:
+def final_metrics(
+    module: DualEncoderModule, trainer: L.Trainer, datamodule, timer: TrainTimer
+) -> dict[str, float]:
     if module.last_val is None or module.last_val[0] != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     metrics = dict(module.last_val[1])
-    samples = trainer.global_step * datamodule.batch_size * trainer.world_size
+    per_step = datamodule.batch_size * trainer.accumulate_grad_batches * trainer.world_size
+    samples = trainer.global_step * per_step
     metrics.update(
         {
             "train/steps": float(trainer.global_step),
@@ -73,7 +82,10 @@ def print_results(metrics: dict[str, float], output_dir: Path) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():
-        is_count = key.startswith(("train/steps", "train/samples", "data/")) or key in ("val/images", "val/captions")
+        is_count = key.startswith(("train/steps", "train/samples", "data/")) or key in (
+            "val/images",
+            "val/captions",
+        )
         table.add_row(key, f"{int(value)}" if is_count else f"{value:.4f}")
     console.print(table)
 
@@ -106,14 +118,21 @@ def run(cfg: DictConfig) -> dict[str, float]:
     model = instantiate(cfg.model)
     datamodule.attach(tokenizer, model.image_tower.pretrained_cfg)
 
+    objective = instantiate(cfg.loss.objective)
+    momentum = None
+    if cfg.momentum.enabled:
+        momentum = MomentumEncoder(model, cfg.momentum.m, cfg.momentum.schedule, cfg.trainer.max_steps)
+    elif objective.queue_size or objective.distill_alpha:
+        raise ValueError("loss.queue_size and loss.distill_alpha need momentum.enabled=true")
     module = DualEncoderModule(
         model,
-        instantiate(cfg.loss.objective),
+        objective,
         optimizer=instantiate(cfg.optimizer),
         warmup_steps=cfg.scheduler.warmup_steps,
         min_lr_ratio=cfg.scheduler.min_lr_ratio,
         eval_chunk_size=cfg.eval.chunk_size,
         tokenizer_json=tokenizer.to_json(),
+        momentum=momentum,
     )
     timer = TrainTimer()
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] + [timer]
@@ -128,9 +147,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     # the final state, whatever the checkpoint callbacks' schedule (Lightning writes it on rank 0)
-    trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")
+    trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt", weights_only=False)
     metrics = final_metrics(module, trainer, datamodule, timer)
-    metrics["time/run_s"] = time.perf_counter() - run_start  # data generation, tokenizer and evaluation included
+    # the whole run: data generation, tokenizer and evaluations included
+    metrics["time/run_s"] = time.perf_counter() - run_start
 
     if trainer.is_global_zero:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
@@ -153,6 +173,8 @@ def entry(cfg: DictConfig) -> float:
         log.exception("run failed; the sweep goes on")
         output_dir = Path(cfg.paths.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "failed.json").write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}"}, indent=2))
+        (output_dir / "failed.json").write_text(
+            json.dumps({"error": f"{type(exc).__name__}: {exc}"}, indent=2)
+        )
         return float("nan")
     return metrics.get(cfg.optimized_metric, float("nan"))

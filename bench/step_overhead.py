@@ -41,7 +41,9 @@ def shapes_batch(batch_size: int, image_size: int = 64):
     images = torch.stack(
         [torch.tensor(list(render(s, rng, image_size).getdata()), dtype=torch.float32) for s in scenes]
     )
-    images = ((images / 255 - 0.45) / 0.225).reshape(batch_size, image_size, image_size, 3).permute(0, 3, 1, 2)
+    images = (
+        ((images / 255 - 0.45) / 0.225).reshape(batch_size, image_size, image_size, 3).permute(0, 3, 1, 2)
+    )
     return {"image": images.contiguous(), "text": tokenizer(captions)}, tokenizer.vocab_size
 
 
@@ -120,7 +122,9 @@ def main() -> None:
             rates[name].append(args.steps * args.batch_size / seconds)
             print(f"round {r + 1}/{args.rounds} {name:>4}: {rates[name][-1]:8.1f} samples/s", flush=True)
     ours, bare = statistics.median(rates["ours"]), statistics.median(rates["bare"])
-    print(f"median samples/s: ours {ours:.1f}, bare PyTorch loop {bare:.1f}, ratio {ours / bare:.3f} (target >= 0.95)")
+    print(
+        f"median samples/s: ours {ours:.1f}, bare loop {bare:.1f}, ratio {ours / bare:.3f} (target >= 0.95)"
+    )
     print(
         json.dumps(
             {

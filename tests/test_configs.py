@@ -3,13 +3,15 @@
 from pathlib import Path
 
 import pytest
+from conftest import compose_config
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
 from autoglm_train import train
-from conftest import compose_config
 
-EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "experiment").glob("*.yaml"))
+EXPERIMENTS = sorted(
+    p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "experiment").glob("*.yaml")
+)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -51,28 +53,52 @@ def test_coco_align_without_shards_fails_at_once_saying_where_they_go(tmp_path, 
 
 @pytest.mark.parametrize(
     "loss,terms",
-    [("infonce", {"infonce"}), ("triplet", {"triplet"}), ("infonce_triplet", {"infonce", "triplet"}), ("siglip", {"siglip"})],
+    [
+        ("infonce", {"infonce"}),
+        ("triplet", {"triplet"}),
+        ("infonce_triplet", {"infonce", "triplet"}),
+        ("siglip", {"siglip"}),
+    ],
 )
 def test_loss_configs_build_their_terms_and_take_the_sweep_keys(loss, terms, tmp_path):
-    cfg = compose_config([f"loss={loss}", "loss.margin=0.3", "loss.temperature=0.05", "loss.mining=semihard"], tmp_path)
+    cfg = compose_config(
+        [f"loss={loss}", "loss.margin=0.3", "loss.temperature=0.05", "loss.mining=semihard"], tmp_path
+    )
     objective = instantiate(cfg.loss.objective)
     assert set(objective.terms) == terms and set(objective.weights) == terms
     assert objective.temperature is None  # learned by default
     if "triplet" in terms:
-        assert objective.terms["triplet"].margin(10**6) == 0.3 and objective.terms["triplet"].mining == "semihard"
+        assert (
+            objective.terms["triplet"].margin(10**6) == 0.3
+            and objective.terms["triplet"].mining == "semihard"
+        )
     assert cfg.model.init_temperature == 0.05
 
 
 def test_temperature_and_margin_schedules_from_the_command_line(tmp_path):
     cfg = compose_config(
-        ["loss=infonce_triplet", "loss.temperature_schedule=cosine", "loss.temperature=0.1", "loss.temperature_end=0.02",
-         "loss.margin_warmup_steps=100", "loss.margin_start=0.05", "loss.margin=0.25", "trainer.max_steps=400"],
+        [
+            "loss=infonce_triplet",
+            "loss.temperature_schedule=cosine",
+            "loss.temperature=0.1",
+            "loss.temperature_end=0.02",
+            "loss.margin_warmup_steps=100",
+            "loss.margin_start=0.05",
+            "loss.margin=0.25",
+            "trainer.max_steps=400",
+        ],
         tmp_path,
     )
     objective = instantiate(cfg.loss.objective)
-    assert objective.temperature(0) == pytest.approx(0.1) and objective.temperature(400) == pytest.approx(0.02)
+    assert objective.temperature(0) == pytest.approx(0.1) and objective.temperature(400) == pytest.approx(
+        0.02
+    )
     margin = objective.terms["triplet"].margin
-    assert margin(0) == pytest.approx(0.05) and margin(50) == pytest.approx(0.15) and margin(100) == pytest.approx(0.25)
+    assert (
+        margin(0) == pytest.approx(0.05)
+        and margin(50) == pytest.approx(0.15)
+        and margin(100) == pytest.approx(0.25)
+    )
 
 
 def test_optuna_search_config_composes(tmp_path):

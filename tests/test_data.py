@@ -18,7 +18,9 @@ def to_tensor(img):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return train_bpe((c for s in generate(300, 0, "train", False, 16) for c in json.loads(s["json"])["captions"]), 200, 32)
+    return train_bpe(
+        (c for s in generate(300, 0, "train", False, 16) for c in json.loads(s["json"])["captions"]), 200, 32
+    )
 
 
 def test_shapes_are_deterministic_and_held_out_captions_unique(tmp_path):
@@ -35,7 +37,10 @@ def test_shapes_written_once_and_reused(tmp_path):
     made = write_shapes_shards(out, n_train=120, n_val=40, image_size=16, samples_per_shard=50, val_shards=2)
     assert len(made["train"]) == 3 and len(made["val"]) == 2
     stamp = {p: p.stat().st_mtime_ns for p in out.glob("*.tar")}
-    assert write_shapes_shards(out, n_train=120, n_val=40, image_size=16, samples_per_shard=50, val_shards=2) == made
+    assert (
+        write_shapes_shards(out, n_train=120, n_val=40, image_size=16, samples_per_shard=50, val_shards=2)
+        == made
+    )
     assert {p: p.stat().st_mtime_ns for p in out.glob("*.tar")} == stamp
     # another spec regenerates
     again = write_shapes_shards(out, n_train=60, n_val=40, image_size=16, samples_per_shard=50, val_shards=2)
@@ -48,7 +53,9 @@ def test_train_and_eval_batches(shapes_dir, tokenizer):
     batch = next(train)
     assert batch["image"].shape == (16, 3, 32, 32) and batch["text"].shape == (16, 32)
     assert batch["id"].dtype == torch.int64 and batch["skipped"] == {}
-    evaluation = list(build_pipeline(shards, tokenizer=tokenizer, transform=to_tensor, batch_size=64, train=False))
+    evaluation = list(
+        build_pipeline(shards, tokenizer=tokenizer, transform=to_tensor, batch_size=64, train=False)
+    )
     assert sum(b["image"].shape[0] for b in evaluation) == 200  # partial last batch kept
     assert sum(b["text"].shape[0] for b in evaluation) == 400  # two captions per image, all used
     ids = torch.cat([b["id"] for b in evaluation])
@@ -71,7 +78,11 @@ def write_bad_shard(path, good: int):
 
 def test_bad_samples_are_skipped_and_counted(tmp_path, tokenizer):
     write_bad_shard(tmp_path / "bad.tar", good=5)
-    batches = list(build_pipeline(str(tmp_path / "bad.tar"), tokenizer=tokenizer, transform=to_tensor, batch_size=2, train=False))
+    batches = list(
+        build_pipeline(
+            str(tmp_path / "bad.tar"), tokenizer=tokenizer, transform=to_tensor, batch_size=2, train=False
+        )
+    )
     assert sum(b["image"].shape[0] for b in batches) == 5
     skipped = {}
     for b in batches:
@@ -90,8 +101,12 @@ def test_no_usable_sample_is_an_error_naming_the_shards(tmp_path):
 
 
 def test_datamodule_fails_fast_with_hint_when_shards_are_missing(tmp_path):
-    dm = ShardDataModule(str(tmp_path / "t-{0..3}.tar"), str(tmp_path / "v.tar"), missing_hint="Make them with X.")
-    with pytest.raises(FileNotFoundError, match=r"data.train_shards: 4 of 4 shards are missing.*Make them with X"):
+    dm = ShardDataModule(
+        str(tmp_path / "t-{0..3}.tar"), str(tmp_path / "v.tar"), missing_hint="Make them with X."
+    )
+    with pytest.raises(
+        FileNotFoundError, match=r"data.train_shards: 4 of 4 shards are missing.*Make them with X"
+    ):
         dm.prepare_data()
 
 

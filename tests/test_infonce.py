@@ -6,9 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from autoglm_train.losses.infonce import infonce_loss
+from autoglm_train.losses.infonce import InfoNCE, infonce_loss
 from autoglm_train.losses.objective import Objective
-from autoglm_train.losses.infonce import InfoNCE
 
 
 def brute_force_infonce(image, text, scale):
@@ -50,7 +49,9 @@ def test_perfect_alignment_is_near_zero_and_random_is_near_log_n():
     image, _ = embeddings(n, 128, seed=0)
     assert infonce_loss(image, image, image, image, torch.tensor(100.0)).item() < 1e-3
     _, text = embeddings(n, 128, seed=1)
-    assert infonce_loss(image, text, image, text, torch.tensor(1.0)).item() == pytest.approx(math.log(n), rel=0.05)
+    assert infonce_loss(image, text, image, text, torch.tensor(1.0)).item() == pytest.approx(
+        math.log(n), rel=0.05
+    )
 
 
 @pytest.mark.parametrize("world", [2, 4])

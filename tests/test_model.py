@@ -10,7 +10,9 @@ from autoglm_train.model.towers import ImageTower, TextTower
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return DualEncoder(ImageTower("resnet18"), TextTower(50, width=32, depth=1, heads=2, context_length=12), embed_dim=16)
+    return DualEncoder(
+        ImageTower("resnet18"), TextTower(50, width=32, depth=1, heads=2, context_length=12), embed_dim=16
+    )
 
 
 def test_embeddings_are_unit_norm_and_shaped(model):

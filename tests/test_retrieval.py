@@ -26,7 +26,9 @@ def test_matches_brute_force_with_several_captions(chunk_size):
     image = F.normalize(torch.randn(n_images, d, generator=g), dim=-1)
     image_ids = torch.randperm(1000, generator=g)[:n_images]
     # 1 to 5 captions per image, each a noisy copy of its image, shuffled
-    owners = torch.cat([torch.full((int(c),), i) for i, c in enumerate(torch.randint(1, 6, (n_images,), generator=g))])
+    owners = torch.cat(
+        [torch.full((int(c),), i) for i, c in enumerate(torch.randint(1, 6, (n_images,), generator=g))]
+    )
     text = F.normalize(image[owners] + 0.9 * torch.randn(len(owners), d, generator=g), dim=-1)
     perm = torch.randperm(len(owners), generator=g)
     text, text_ids = text[perm], image_ids[owners[perm]]

@@ -22,7 +22,10 @@ def brute_force_siglip(image, text, scale, bias, ids):
 
 def embeddings(n, d, seed):
     g = torch.Generator().manual_seed(seed)
-    return (F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1).requires_grad_() for _ in range(2))
+    return (
+        F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
+        for _ in range(2)
+    )
 
 
 def test_siglip_matches_brute_force_with_gradients():
@@ -39,7 +42,9 @@ def test_siglip_matches_brute_force_with_gradients():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     # without ids the diagonal is the positive
     no_ids = siglip_loss(image, text, scale, bias)
-    assert no_ids.item() == pytest.approx(brute_force_siglip(image, text, scale, bias, torch.arange(6)).item(), rel=1e-10)
+    assert no_ids.item() == pytest.approx(
+        brute_force_siglip(image, text, scale, bias, torch.arange(6)).item(), rel=1e-10
+    )
 
 
 def test_siglip_local_vs_global_equals_whole_batch():

@@ -8,15 +8,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY
 
 from autoglm_train import train
-from conftest import TINY
 
 pytestmark = pytest.mark.slow
 
 METRIC_KEYS = {
-    "val/i2t_r1", "val/i2t_r5", "val/i2t_r10", "val/t2i_r1", "val/t2i_r5", "val/t2i_r10",
-    "val/r1_mean", "train/steps", "train/samples", "time/train_s", "time/samples_per_s",
+    "val/i2t_r1",
+    "val/i2t_r5",
+    "val/i2t_r10",
+    "val/t2i_r1",
+    "val/t2i_r5",
+    "val/t2i_r10",
+    "val/r1_mean",
+    "train/steps",
+    "train/samples",
+    "time/train_s",
+    "time/samples_per_s",
 }
 
 
@@ -41,21 +50,38 @@ def test_resume_continues_the_step_count(tiny_cfg, tmp_path):
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 7
 
     resumed = tiny_cfg(
-        "trainer.max_steps=12", "trainer.val_check_interval=5", f"ckpt_path={last}", output_dir=tmp_path / "second"
+        "trainer.max_steps=12",
+        "trainer.val_check_interval=5",
+        f"ckpt_path={last}",
+        output_dir=tmp_path / "second",
     )
     metrics = train.run(resumed)
     assert metrics["train/steps"] == 12
-    ckpt = torch.load(tmp_path / "second" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(
+        tmp_path / "second" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
     assert ckpt["global_step"] == 12
     # the resumed run used the checkpoint's tokenizer, not a new one
-    assert (tmp_path / "second" / "tokenizer.json").read_text() == (tmp_path / "first" / "tokenizer.json").read_text()
+    assert (tmp_path / "second" / "tokenizer.json").read_text() == (
+        tmp_path / "first" / "tokenizer.json"
+    ).read_text()
 
 
 def test_command_line_run_writes_the_run_directory(shapes_dir, tmp_path):
     run_dir = tmp_path / "cli"
     env = {**os.environ, "AUTOGLM_DATA_DIR": str(shapes_dir), "PYTHONUNBUFFERED": "1"}
-    args = [sys.executable, "-m", "autoglm_train", *TINY, "trainer.max_steps=4", "logger=none", f"hydra.run.dir={run_dir}"]
-    done = subprocess.run(args, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=300)
+    args = [
+        sys.executable,
+        "-m",
+        "autoglm_train",
+        *TINY,
+        "trainer.max_steps=4",
+        "logger=none",
+        f"hydra.run.dir={run_dir}",
+    ]
+    done = subprocess.run(
+        args, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"Run directory: {run_dir}" in done.stdout.replace("\n", "")
     assert "val/r1_mean" in done.stdout  # the results table
@@ -71,12 +97,17 @@ def test_wandb_logger_runs_offline_without_an_account(tiny_cfg, tmp_path, monkey
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
 
 
-@pytest.mark.parametrize("loss,columns", [
-    ("infonce_triplet", {"train/loss/infonce", "train/loss/triplet", "train/sched/margin"}),
-    ("siglip", {"train/loss/siglip", "train/sched/siglip_bias"}),
-])
+@pytest.mark.parametrize(
+    "loss,columns",
+    [
+        ("infonce_triplet", {"train/loss/infonce", "train/loss/triplet", "train/sched/margin"}),
+        ("siglip", {"train/loss/siglip", "train/sched/siglip_bias"}),
+    ],
+)
 def test_combined_and_siglip_losses_train_and_log_each_term(tiny_cfg, loss, columns):
-    cfg = tiny_cfg(f"loss={loss}", "loss.margin_warmup_steps=4", "trainer.max_steps=4", "trainer.log_every_n_steps=1")
+    cfg = tiny_cfg(
+        f"loss={loss}", "loss.margin_warmup_steps=4", "trainer.max_steps=4", "trainer.log_every_n_steps=1"
+    )
     metrics = train.run(cfg)
     assert metrics["train/steps"] == 4
     header = (Path(cfg.paths.output_dir) / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")

@@ -18,7 +18,11 @@ def brute_force(image, text, margin, mining, ids=None):
             s_ap = torch.dot(anchors[a], others[a])
             negatives = [j for j in range(n) if j != a and (ids is None or ids[j] != ids[a])]
             if mining == "hard":
-                negatives = [max(negatives, key=lambda j: torch.dot(anchors[a], others[j]).item())] if negatives else []
+                negatives = (
+                    [max(negatives, key=lambda j: torch.dot(anchors[a], others[j]).item())]
+                    if negatives
+                    else []
+                )
             for j in negatives:
                 s_an = torch.dot(anchors[a], others[j])
                 if mining == "all" and not margin - s_ap + s_an > 0:
@@ -114,7 +118,13 @@ def test_local_vs_global_with_global_count_equals_whole_batch(mining):
     for rank in range(world):
         rows = slice(rank * b, (rank + 1) * b)
         loss = triplet_loss(
-            image[rows], text[rows], image, text, 0.3, mining, offset=rank * b,
+            image[rows],
+            text[rows],
+            image,
+            text,
+            0.3,
+            mining,
+            offset=rank * b,
             global_count=lambda c: (torch.tensor(float(total)), world),
         )
         losses.append(loss)
@@ -132,7 +142,9 @@ def test_margin_warmup_is_scheduled_and_reported():
     assert objective(image, text, torch.tensor(10.0), step=5)["sched/margin"].item() == pytest.approx(0.2)
     out = objective(image, text, torch.tensor(10.0), step=50)
     assert out["sched/margin"].item() == pytest.approx(0.4)
-    assert out["loss/triplet"].item() == pytest.approx(triplet_loss(image, text, image, text, 0.4, "all").item())
+    assert out["loss/triplet"].item() == pytest.approx(
+        triplet_loss(image, text, image, text, 0.4, "all").item()
+    )
 
 
 def test_unknown_mining_is_a_clear_error():

@@ -97,9 +97,13 @@ def render(shapes: list[Shape], rng: random.Random, image_size: int = 64) -> Ima
         elif s.kind == "square":
             draw.rectangle(box, fill=colour)
         elif s.kind == "triangle":
-            draw.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=colour)
+            draw.polygon(
+                [(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=colour
+            )
         else:  # diamond
-            draw.polygon([(cx, cy - radius), (cx + radius, cy), (cx, cy + radius), (cx - radius, cy)], fill=colour)
+            draw.polygon(
+                [(cx, cy - radius), (cx + radius, cy), (cx, cy + radius), (cx - radius, cy)], fill=colour
+            )
     return img
 
 
@@ -183,6 +187,11 @@ def _write(out: Path, spec: ShapesSpec) -> dict:
         "sizes": {"train": spec.n_train, "val": spec.n_val},
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    log.info("wrote %d train + %d val shapes samples to %s in %.1fs", spec.n_train, spec.n_val, out,
-             time.perf_counter() - start)
+    log.info(
+        "wrote %d train + %d val shapes samples to %s in %.1fs",
+        spec.n_train,
+        spec.n_val,
+        out,
+        time.perf_counter() - start,
+    )
     return manifest

@@ -16,6 +16,7 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -113,26 +114,80 @@ def decode(sample: dict, caption_key: str, skips: SkipCounter) -> dict | None:
     return {"image": image, "captions": captions, "id": sample["__key__"]}
 
 
-class _Stages:
-    """Picklable pipeline stages sharing one SkipCounter within each worker process."""
+def stable_seed(*parts) -> int:
+    """A 63-bit seed from any parts, the same in every process (unlike ``hash``)."""
+    key = "-".join(map(str, parts)).encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
-    def __init__(self, tokenizer, transform: Callable, caption_key: str, train: bool):
+
+class _PrivateRNG:
+    """Python and torch generator states owned by the data stream. ``active()`` swaps them in for code
+    that draws from the global generators (timm/torchvision augmentations) and swaps the caller's back, so
+    data randomness never shifts the model's (dropout) and a stream replays exactly."""
+
+    def __init__(self, seed: int):
+        self.py_state = random.Random(seed).getstate()
+        self.torch_state = torch.Generator().manual_seed(seed).get_state()
+
+    @contextmanager
+    def active(self):
+        outer_py, outer_torch = random.getstate(), torch.get_rng_state()
+        random.setstate(self.py_state)
+        torch.set_rng_state(self.torch_state)
+        try:
+            yield
+        finally:
+            self.py_state, self.torch_state = random.getstate(), torch.get_rng_state()
+            random.setstate(outer_py)
+            torch.set_rng_state(outer_torch)
+
+
+class _Stages:
+    """Picklable pipeline stages sharing one SkipCounter within each worker process.
+
+    Every random choice of the stream (shard order, sample shuffle, caption choice, augmentation) comes
+    from generators seeded by (seed, epoch, rank, worker), so an epoch is a pure function of them.
+    """
+
+    def __init__(
+        self, tokenizer, transform: Callable, caption_key: str, train: bool, seed: int, shuffle_buffer: int
+    ):
         self.tokenizer = tokenizer
         self.transform = transform
         self.caption_key = caption_key
         self.train = train
+        self.seed, self.epoch = seed, 0
+        self.shuffle_buffer = shuffle_buffer
         self.skips = SkipCounter()
+        self.captions_rng = random.Random(0)
+
+    def _stream_seed(self, purpose: str) -> int:
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        return stable_seed(self.seed, self.epoch, rank, worker, purpose)
+
+    def shuffle_shards(self, src: Iterator[dict]) -> Iterator[dict]:
+        # the same order on every rank and worker: they split this list between them
+        shards = list(src)
+        random.Random(stable_seed(self.seed, self.epoch, "shards")).shuffle(shards)
+        yield from shards
+
+    def shuffle_samples(self, src: Iterator[dict]) -> Iterator[dict]:
+        rng = random.Random(self._stream_seed("samples"))
+        return _shuffle(src, self.shuffle_buffer, min(self.shuffle_buffer, 500), rng=rng)
 
     def decode_all(self, src: Iterator[dict]) -> Iterator[dict]:
+        self.captions_rng = random.Random(self._stream_seed("captions"))
+        augment_rng = _PrivateRNG(self._stream_seed("augment"))
         for sample in src:
             out = decode(sample, self.caption_key, self.skips)
             if out is not None:
-                out["image"] = self.transform(out["image"])
+                with augment_rng.active():
+                    out["image"] = self.transform(out["image"])
                 yield out
 
     def collate_train(self, samples: list[dict]) -> dict:
         # one caption per image per step; several captions of an image take turns across epochs
-        captions = [random.choice(s["captions"]) for s in samples]
+        captions = [self.captions_rng.choice(s["captions"]) for s in samples]
         return {
             "image": torch.stack([s["image"] for s in samples]),
             "text": self.tokenizer(captions),
@@ -153,13 +208,15 @@ class _Stages:
         }
 
 
-def _seeded_shuffle(bufsize: int, initial: int):
-    # the generator is seeded when iteration starts, inside the worker, from `random` (which Lightning
-    # seeds per worker and epoch), so every epoch and every worker shuffles differently yet reproducibly
-    def stage(src):
-        return _shuffle(src, bufsize, initial, rng=random.Random(random.getrandbits(64)))
+class ShardPipeline(wds.DataPipeline):
+    """A webdataset pipeline whose random choices are seeded per epoch (``set_epoch`` before iterating)."""
 
-    return stage
+    def __init__(self, stages: _Stages, *steps):
+        super().__init__(*steps)
+        self.stages = stages
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stages.epoch = epoch
 
 
 def build_pipeline(
@@ -172,25 +229,28 @@ def build_pipeline(
     caption_key: str = "captions",
     shuffle_buffer: int = 2000,
     resampled: bool = False,
-) -> wds.DataPipeline:
+    seed: int = 0,
+) -> ShardPipeline:
     urls = expand_shards(shards)
-    stages = _Stages(tokenizer, transform, caption_key, train)
-    steps: list = [wds.ResampledShards(urls) if resampled else wds.SimpleShardList(urls)]
+    stages = _Stages(tokenizer, transform, caption_key, train, seed, shuffle_buffer)
+    steps: list = [wds.ResampledShards(urls, seed=seed) if resampled else wds.SimpleShardList(urls)]
     if train and not resampled:
-        steps.append(_seeded_shuffle(len(urls), len(urls)))
+        steps.append(stages.shuffle_shards)
     steps += [
         wds.split_by_node,
         wds.split_by_worker,
         wds.tarfile_to_samples(handler=stages.skips.tar_error),
     ]
     if train:
-        steps.append(_seeded_shuffle(shuffle_buffer, min(shuffle_buffer, 500)))
+        steps.append(stages.shuffle_samples)
     steps += [
         stages.decode_all,
         # training drops the short last batch so every rank gathers equal-sized batches
-        wds.batched(batch_size, collation_fn=stages.collate_train if train else stages.collate_eval, partial=not train),
+        wds.batched(
+            batch_size, collation_fn=stages.collate_train if train else stages.collate_eval, partial=not train
+        ),
     ]
-    return wds.DataPipeline(*steps)
+    return ShardPipeline(stages, *steps)
 
 
 def first_usable_sample(shards: str | Sequence[str], caption_key: str = "captions") -> dict:
@@ -200,7 +260,9 @@ def first_usable_sample(shards: str | Sequence[str], caption_key: str = "caption
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards do not exist, e.g. {missing[:3]}")
     skips = SkipCounter()
-    for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=skips.tar_error)):
+    for sample in wds.DataPipeline(
+        wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=skips.tar_error)
+    ):
         out = decode(sample, caption_key, skips)
         if out is not None:
             return out
@@ -211,13 +273,17 @@ def first_usable_sample(shards: str | Sequence[str], caption_key: str = "caption
     )
 
 
-def iter_captions(shards: str | Sequence[str], caption_key: str = "captions", limit: int | None = None) -> Iterator[str]:
+def iter_captions(
+    shards: str | Sequence[str], caption_key: str = "captions", limit: int | None = None
+) -> Iterator[str]:
     """Captions of the shards without decoding images (for training a tokenizer)."""
     urls = expand_shards(shards)
     skips = SkipCounter()
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(urls),
-        wds.tarfile_to_samples(handler=skips.tar_error, select_files=lambda name: not name.endswith(IMAGE_KEYS)),
+        wds.tarfile_to_samples(
+            handler=skips.tar_error, select_files=lambda name: not name.endswith(IMAGE_KEYS)
+        ),
     )
     n = 0
     for sample in pipeline:
@@ -225,8 +291,7 @@ def iter_captions(shards: str | Sequence[str], caption_key: str = "captions", li
             captions = read_captions(sample, caption_key)
         except (UnicodeDecodeError, json.JSONDecodeError):
             continue
-        for caption in captions:
-            yield caption
+        yield from captions
         n += 1
         if limit is not None and n >= limit:
             return

@@ -70,7 +70,9 @@ class CaptionTokenizer:
         self._configure()
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, context_length: int, min_frequency: int = 2) -> CaptionTokenizer:
+def train_bpe(
+    texts: Iterable[str], vocab_size: int, context_length: int, min_frequency: int = 2
+) -> CaptionTokenizer:
     tok = Tokenizer(models.BPE(unk_token=UNK))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import random
 from collections.abc import Callable, Sequence
 
 import lightning as L
 import timm.data
-import webdataset as wds
+import torch
+from torch.utils.data import DataLoader
 
-from autoglm_train.data.shards import build_pipeline, expand_shards, first_usable_sample, missing_local_shards
+from autoglm_train.data.shards import (
+    build_pipeline,
+    expand_shards,
+    first_usable_sample,
+    missing_local_shards,
+    stable_seed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +48,7 @@ class ShardDataModule(L.LightningDataModule):
         crop_pct: float | None = None,
         prepare: Callable[[], object] | None = None,
         missing_hint: str = "",
+        seed: int = 0,
     ):
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
@@ -49,8 +59,11 @@ class ShardDataModule(L.LightningDataModule):
         self.caption_key, self.shuffle_buffer, self.resampled = caption_key, shuffle_buffer, resampled
         self.augment, self.crop_pct = augment, crop_pct
         self.prepare, self.missing_hint = prepare, missing_hint
+        self.seed = seed
         self.tokenizer = None
         self.train_transform = self.eval_transform = None
+        self.stream_epoch = 0  # the training stream's current epoch (saved in checkpoints)
+        self._resume: dict | None = None
 
     def prepare_data(self) -> None:
         if self.prepare is not None:
@@ -83,9 +96,11 @@ class ShardDataModule(L.LightningDataModule):
         else:
             self.train_transform = self.eval_transform
 
-    def _loader(self, train: bool) -> wds.WebLoader:
+    def _loader(self, train: bool) -> DataLoader:
         if self.tokenizer is None:
-            raise RuntimeError("ShardDataModule.attach(tokenizer, data_config) must be called before the loaders")
+            raise RuntimeError(
+                "ShardDataModule.attach(tokenizer, data_config) must be called before the loaders"
+            )
         pipeline = build_pipeline(
             self.train_shards if train else self.val_shards,
             tokenizer=self.tokenizer,
@@ -95,14 +110,62 @@ class ShardDataModule(L.LightningDataModule):
             caption_key=self.caption_key,
             shuffle_buffer=self.shuffle_buffer,
             resampled=self.resampled and train,
+            seed=self.seed,
         )
         workers = self.num_workers if train else min(self.num_workers, len(expand_shards(self.val_shards)))
-        return wds.WebLoader(
-            pipeline, batch_size=None, num_workers=workers, persistent_workers=train and workers > 0, prefetch_factor=4 if workers else None
+        # workers are not persistent: each epoch re-seeds them from the random state at its start, which
+        # is what makes a resumed run replay the same stream (see ReplayableStream)
+        return DataLoader(
+            pipeline, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None
         )
 
-    def train_dataloader(self) -> wds.WebLoader:
-        return self._loader(train=True)
+    def train_dataloader(self):
+        return ReplayableStream(self, self._loader(train=True), self.seed)
 
-    def val_dataloader(self) -> wds.WebLoader:
-        return self._loader(train=False)
+    def val_dataloader(self) -> DataLoader:
+        loader = self._loader(train=False)
+        # evaluation draws its loader seed from a private generator, so it never shifts training's randomness
+        loader.generator = torch.Generator().manual_seed(0)
+        return loader
+
+    def resume_stream(self, state: dict) -> None:
+        """Set by the module from a checkpoint: the next training epoch replays to where it stopped."""
+        self._resume = state
+
+
+class ReplayableStream:
+    """The training loader, resumable mid-epoch. Each epoch's stream is a pure function of (seed, epoch):
+    the pipeline's own generators and the loader's worker seeds are set from them before iterating. On
+    resume it rebuilds the checkpoint's epoch, re-reads and drops the batches already trained on, then
+    restores the global random states of the checkpoint (the model's: dropout and the like).
+
+    Replaying costs reading those batches again; it buys a resumed run identical to one never stopped.
+    """
+
+    def __init__(self, datamodule: ShardDataModule, loader, seed: int):
+        self.datamodule, self.loader, self.seed = datamodule, loader, seed
+        self.epoch = 0
+
+    def __iter__(self):
+        # lazy: Lightning calls iter() once just to check the loader is iterable, and never draws from it
+        return self._stream()
+
+    def _stream(self):
+        resume, self.datamodule._resume = self.datamodule._resume, None
+        if resume:
+            self.epoch = resume["epoch"]
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        self.datamodule.stream_epoch = epoch
+        self.loader.dataset.set_epoch(epoch)
+        self.loader.generator = torch.Generator().manual_seed(stable_seed(self.seed, epoch, "workers"))
+        iterator = iter(self.loader)
+        if resume:
+            skip = resume["batches"]
+            if skip and next(itertools.islice(iterator, skip - 1, None), None) is None:
+                raise RuntimeError(
+                    f"cannot resume the data stream: epoch {epoch} has fewer than {skip} batches"
+                )
+            torch.set_rng_state(resume["rng"]["torch"])
+            random.setstate(resume["rng"]["random"])
+            log.info("resumed the training stream at epoch %d after %d batches", epoch, skip)
+        yield from iterator

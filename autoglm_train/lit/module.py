@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from collections import Counter
 from collections.abc import Callable
 
@@ -34,22 +35,26 @@ class DualEncoderModule(L.LightningModule):
         min_lr_ratio: float = 0.0,
         eval_chunk_size: int = 1024,
         tokenizer_json: str | None = None,
+        momentum: torch.nn.Module | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["model", "objective", "optimizer", "tokenizer_json"])
+        self.save_hyperparameters(ignore=["model", "objective", "optimizer", "tokenizer_json", "momentum"])
         self.model = model
+        self.momentum = momentum  # a MomentumEncoder (EMA of `model`), or None
         self.objective = objective
         self.objective.gather = gather_with_grad  # negatives from every rank
         self.optimizer_factory = optimizer
         self.tokenizer_json = tokenizer_json
         self.skipped: Counter[str] = Counter()
+        self._batches_this_epoch = self._resumed_batches = 0
         self.last_val: tuple[int, dict[str, float]] | None = None
         self._val: dict[str, list[torch.Tensor]] = {}
 
     # --- training -------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         image, text, logit_scale = self.model(batch["image"], batch["text"])
-        out = self.objective(image, text, logit_scale, batch.get("id"), step=self.global_step)
+        keys = self.momentum.encode(batch["image"], batch["text"]) if self.momentum is not None else None
+        out = self.objective(image, text, logit_scale, batch.get("id"), step=self.global_step, momentum=keys)
         n = image.shape[0]
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=n)
         for key, value in out.items():  # each term, and every scheduled value, on its own
@@ -58,7 +63,19 @@ class DualEncoderModule(L.LightningModule):
         self.log("train/logit_scale", logit_scale.detach(), batch_size=n)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
         self._count_skipped(batch.get("skipped"))
+        self._batches_this_epoch += 1
         return out["loss"]
+
+    def on_train_epoch_start(self) -> None:
+        # a run resumed mid-epoch starts its first epoch with the batches it already trained on
+        self._batches_this_epoch, self._resumed_batches = self._resumed_batches, 0
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # once per optimizer step, not per micro-batch: Lightning calls this only when it steps
+        if self.momentum is not None:
+            self.momentum.update(self.model, step=self.global_step)
+            self.log("train/sched/momentum", self.momentum.get_decay(self.global_step))
 
     def _count_skipped(self, skipped: dict | None) -> None:
         if skipped:
@@ -75,7 +92,9 @@ class DualEncoderModule(L.LightningModule):
         optimizer = self.optimizer_factory(groups)
         hp = self.hparams
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else float("inf")
-        schedule = LambdaLR(optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio))
+        schedule = LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # --- evaluation -----------------------------------------------------------------------------------
@@ -92,13 +111,18 @@ class DualEncoderModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         # each rank embedded its share of the held-out shards; every rank scores the gathered whole
         parts = {
-            k: gather_variable(torch.cat(v) if v else torch.empty(0, device=self.device)) for k, v in self._val.items()
+            k: gather_variable(torch.cat(v) if v else torch.empty(0, device=self.device))
+            for k, v in self._val.items()
         }
         self._val = {}
         if parts["image"].shape[0] == 0:
             raise RuntimeError("validation produced no samples: check data.val_shards")
         metrics = retrieval_metrics(
-            parts["image"], parts["id"], parts["text"], parts["text_id"], chunk_size=self.hparams.eval_chunk_size
+            parts["image"],
+            parts["id"],
+            parts["text"],
+            parts["text_id"],
+            chunk_size=self.hparams.eval_chunk_size,
         )
         metrics = {f"val/{k}": v for k, v in metrics.items()}
         metrics["val/images"] = float(parts["image"].shape[0])
@@ -111,6 +135,20 @@ class DualEncoderModule(L.LightningModule):
         # a checkpoint must be usable alone: keep the tokenizer (vocabulary sizes the text tower) inside it
         checkpoint["tokenizer_json"] = self.tokenizer_json
         checkpoint["data_skipped"] = dict(self.skipped)
+        checkpoint["queues"] = self.objective.queue_state()
+        # exact resume: where the training stream stands in its epoch, and the random states now
+        datamodule = getattr(self.trainer, "datamodule", None)
+        checkpoint["train_stream"] = {
+            "epoch": getattr(datamodule, "stream_epoch", 0),
+            "batches": self._batches_this_epoch,
+            "rng": {"torch": torch.get_rng_state(), "random": random.getstate()},
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.skipped = Counter(checkpoint.get("data_skipped", {}))
+        self.objective.load_queue_state(checkpoint.get("queues", {}))
+        stream = checkpoint.get("train_stream")
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if stream and hasattr(datamodule, "resume_stream"):
+            self._batches_this_epoch = self._resumed_batches = stream["batches"]
+            datamodule.resume_stream(stream)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from autoglm_train.losses.queue import FeatureQueue
 from autoglm_train.losses.schedules import Schedule
 
 # gather(x) -> (x gathered from every rank in rank order, this rank's offset into it)
@@ -38,13 +39,29 @@ class ContrastiveBatch:
     step: int = 0
     global_count: Callable | None = None
     scheduled: dict[str, float] = field(default_factory=dict)
+    # with a momentum encoder: the keys are the gathered momentum embeddings of this step followed by the
+    # queue (no gradient), ``key_ids`` their sample ids; ``image_m``/``text_m`` the local momentum embeddings
+    image_keys: torch.Tensor | None = None
+    text_keys: torch.Tensor | None = None
+    key_ids: torch.Tensor | None = None
+    image_m: torch.Tensor | None = None
+    text_m: torch.Tensor | None = None
+    # queued momentum embeddings alone (extra negatives for the triplet term)
+    image_queue: torch.Tensor | None = None
+    text_queue: torch.Tensor | None = None
+    queue_ids: torch.Tensor | None = None
+    distill_alpha: float = 0.0
 
 
 class Objective(nn.Module):
-    """``forward(image_emb, text_emb, logit_scale, ids, step)`` ->
+    """``forward(image_emb, text_emb, logit_scale, ids, step, momentum)`` ->
     ``{"loss": total, "loss/<term>": value, ..., "sched/<name>": value, ...}``.
 
     ``temperature`` (a Schedule) replaces the model's learned logit scale by 1/temperature(step).
+    ``momentum=(image_m, text_m)`` (a momentum encoder's embeddings of the batch) turns on keys: terms score
+    against the gathered momentum batch plus queues of ``queue_size`` past keys, which are updated after the
+    loss. ``distill_alpha`` (ramped up linearly over ``distill_ramp_steps``) mixes the momentum model's
+    similarity distribution into the InfoNCE targets (ALBEF's momentum distillation).
     """
 
     def __init__(
@@ -52,6 +69,9 @@ class Objective(nn.Module):
         terms: Mapping[str, nn.Module],
         weights: Mapping[str, float] | None = None,
         temperature: Schedule | None = None,
+        queue_size: int = 0,
+        distill_alpha: float = 0.0,
+        distill_ramp_steps: int = 0,
         gather: Gather = no_gather,
     ):
         super().__init__()
@@ -66,13 +86,23 @@ class Objective(nn.Module):
         self.terms = nn.ModuleDict(dict(terms))
         self.weights = {name: float(weights.get(name, 1.0)) for name in terms}
         self.temperature = temperature
+        if queue_size < 0 or not 0.0 <= distill_alpha <= 1.0:
+            raise ValueError("loss.queue_size must be >= 0 and loss.distill_alpha in [0, 1]")
+        self.queue_size, self.distill_alpha, self.distill_ramp_steps = (
+            queue_size,
+            distill_alpha,
+            distill_ramp_steps,
+        )
+        self.queues: dict[str, FeatureQueue] = {}  # made on first use, when the embedding size is known
         self.gather = gather
 
     def _global_count(self, count: torch.Tensor, world: int):
         counts, _ = self.gather(count.detach().float().reshape(1))
         return counts.sum(), world
 
-    def forward(self, image, text, logit_scale, ids=None, step: int = 0) -> dict[str, torch.Tensor]:
+    def forward(
+        self, image, text, logit_scale, ids=None, step: int = 0, momentum=None
+    ) -> dict[str, torch.Tensor]:
         image_all, offset = self.gather(image)
         text_all, _ = self.gather(text)
         ids_all = self.gather(ids)[0] if ids is not None else None
@@ -82,10 +112,56 @@ class Objective(nn.Module):
             scheduled["temperature"] = self.temperature(step)
             logit_scale = torch.tensor(1.0 / scheduled["temperature"], device=image.device)
         batch = ContrastiveBatch(
-            image, text, image_all, text_all, logit_scale, offset, ids, ids_all, step,
-            global_count=lambda count: self._global_count(count, world), scheduled=scheduled,
+            image,
+            text,
+            image_all,
+            text_all,
+            logit_scale,
+            offset,
+            ids,
+            ids_all,
+            step,
+            global_count=lambda count: self._global_count(count, world),
+            scheduled=scheduled,
         )
+        keys = self._attach_keys(batch, momentum, step) if momentum is not None else None
         out = {f"loss/{name}": term(batch) for name, term in self.terms.items()}
         out["loss"] = sum(self.weights[name] * out[f"loss/{name}"] for name in self.terms)
+        if keys is not None and self.queue_size:
+            for name, key in zip(("image", "text"), keys, strict=True):
+                self.queues[name].enqueue(key, batch.ids_all)
         out.update({f"sched/{k}": torch.tensor(float(v)) for k, v in batch.scheduled.items()})
         return out
+
+    def _attach_keys(self, batch: ContrastiveBatch, momentum, step: int):
+        if batch.ids is None:
+            raise ValueError("momentum keys need sample ids in the batch (batch['id'])")
+        image_m, text_m = (m.detach() for m in momentum)
+        with torch.no_grad():
+            image_m_all, text_m_all = self.gather(image_m)[0], self.gather(text_m)[0]
+        batch.image_m, batch.text_m = image_m, text_m
+        batch.image_keys, batch.text_keys, batch.key_ids = image_m_all, text_m_all, batch.ids_all
+        if self.queue_size:
+            for name in ("image", "text"):
+                self.queues.setdefault(name, FeatureQueue(self.queue_size, image_m.shape[1]))
+            (image_q, queue_ids), (text_q, _) = (
+                self.queues["image"].contents(),
+                self.queues["text"].contents(),
+            )
+            batch.image_queue, batch.text_queue, batch.queue_ids = image_q, text_q, queue_ids
+            batch.image_keys = torch.cat([image_m_all, image_q.to(image_m_all.dtype)])
+            batch.text_keys = torch.cat([text_m_all, text_q.to(text_m_all.dtype)])
+            batch.key_ids = torch.cat([batch.ids_all, queue_ids])
+        if self.distill_alpha:
+            ramp = min(1.0, step / self.distill_ramp_steps) if self.distill_ramp_steps else 1.0
+            batch.distill_alpha = self.distill_alpha * ramp
+            batch.scheduled["distill_alpha"] = batch.distill_alpha
+        return image_m_all, text_m_all
+
+    def queue_state(self) -> dict:
+        return {name: q.state_dict() for name, q in self.queues.items()}
+
+    def load_queue_state(self, state: dict) -> None:
+        for name, q_state in state.items():
+            dim = q_state["features"].shape[1]
+            self.queues.setdefault(name, FeatureQueue(self.queue_size, dim)).load_state_dict(q_state)

@@ -43,4 +43,12 @@ class SigLIP(nn.Module):
 
     def forward(self, batch) -> torch.Tensor:
         batch.scheduled["siglip_bias"] = float(self.logit_bias.detach())
-        return siglip_loss(batch.image, batch.text_all, batch.logit_scale, self.logit_bias, batch.offset, batch.ids, batch.ids_all)
+        return siglip_loss(
+            batch.image,
+            batch.text_all,
+            batch.logit_scale,
+            self.logit_bias,
+            batch.offset,
+            batch.ids,
+            batch.ids_all,
+        )

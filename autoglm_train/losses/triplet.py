@@ -29,7 +29,9 @@ from autoglm_train.losses.schedules import Schedule, as_schedule
 MINING_MODES = ("all", "semihard", "hard")
 
 
-def valid_negatives(n_local: int, n_all: int, offset: int, ids=None, ids_all=None, device=None) -> torch.Tensor:
+def valid_negatives(
+    n_local: int, n_all: int, offset: int, ids=None, ids_all=None, device=None
+) -> torch.Tensor:
     """(n_local, n_all) bool: column j may be a negative of local anchor i."""
     if ids is not None and ids_all is not None:
         return ids[:, None] != ids_all[None, :]
@@ -39,7 +41,9 @@ def valid_negatives(n_local: int, n_all: int, offset: int, ids=None, ids_all=Non
     return valid
 
 
-def select_triplets(sim: torch.Tensor, positive_sim: torch.Tensor, valid: torch.Tensor, margin: float, mining: str):
+def select_triplets(
+    sim: torch.Tensor, positive_sim: torch.Tensor, valid: torch.Tensor, margin: float, mining: str
+):
     """(anchors, columns) bool mask of the (anchor, negative) pairs the mining mode keeps.
 
     ``sim``: anchor-to-column similarities; ``positive_sim``: each anchor's similarity to its positive.
@@ -78,17 +82,31 @@ def triplet_loss(
     ids: torch.Tensor | None = None,
     ids_all: torch.Tensor | None = None,
     global_count=None,
+    image_extra: torch.Tensor | None = None,
+    text_extra: torch.Tensor | None = None,
+    extra_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean hinge over the chosen triplets of both directions.
 
     ``global_count(count) -> (total count over ranks, world size)``; omitted means one process.
+    ``image_extra``/``text_extra`` (with ``extra_ids``) are more negatives, e.g. a queue of momentum keys.
     """
     if mining not in MINING_MODES:
         raise ValueError(f"loss.mining must be one of {MINING_MODES}, got {mining!r}")
     # similarities in at least fp32: under bf16 a margin of 0.1 is a few units in the last place
     wide = torch.promote_types(image_local.dtype, torch.float32)
-    image_local, text_local, image_all, text_all = (x.to(wide) for x in (image_local, text_local, image_all, text_all))
-    valid = valid_negatives(image_local.shape[0], image_all.shape[0], offset, ids, ids_all, image_local.device)
+    image_local, text_local, image_all, text_all = (
+        x.to(wide) for x in (image_local, text_local, image_all, text_all)
+    )
+    if text_extra is not None:
+        if ids is None or ids_all is None or extra_ids is None:
+            raise ValueError("extra negatives need sample ids")
+        image_all = torch.cat([image_all, image_extra.to(wide)])
+        text_all = torch.cat([text_all, text_extra.to(wide)])
+        ids_all = torch.cat([ids_all, extra_ids])
+    valid = valid_negatives(
+        image_local.shape[0], image_all.shape[0], offset, ids, ids_all, image_local.device
+    )
     i2t_sum, i2t_n = _direction(image_local, text_all, offset, margin, mining, valid)
     t2i_sum, t2i_n = _direction(text_local, image_all, offset, margin, mining, valid)
     count = i2t_n + t2i_n
@@ -120,4 +138,7 @@ class TripletLoss(nn.Module):
             batch.ids,
             batch.ids_all,
             global_count=batch.global_count,
+            image_extra=batch.image_queue,
+            text_extra=batch.text_queue,
+            extra_ids=batch.queue_ids,
         )
