@@ -113,8 +113,8 @@ class ShardDataModule(L.LightningDataModule):
             seed=self.seed,
         )
         workers = self.num_workers if train else min(self.num_workers, len(expand_shards(self.val_shards)))
-        # workers are not persistent: each epoch re-seeds them from the random state at its start, which
-        # is what makes a resumed run replay the same stream (see ReplayableStream)
+        # workers are not persistent: each epoch starts them with seeds from (seed, epoch), which is what
+        # lets a resumed run replay the same stream (see ReplayableStream)
         return DataLoader(
             pipeline, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None
         )
