@@ -162,3 +162,22 @@ def test_queue_without_momentum_is_a_config_error(tiny_cfg):
 
     with pytest.raises(ValueError, match="momentum.enabled=true"):
         train.run(tiny_cfg("loss.queue_size=64"))
+
+
+@pytest.mark.slow
+def test_momentum_updates_once_per_optimizer_step_not_per_micro_batch(tiny_cfg, monkeypatch):
+    from autoglm_train import train
+
+    steps = []
+    original = MomentumEncoder.update
+
+    def counting(self, model, step=None):
+        steps.append(step)
+        return original(self, model, step=step)
+
+    monkeypatch.setattr(MomentumEncoder, "update", counting)
+    metrics = train.run(
+        tiny_cfg("momentum.enabled=true", "trainer.accumulate_grad_batches=2", "trainer.max_steps=3")
+    )
+    assert metrics["train/steps"] == 3 and metrics["train/samples"] == 3 * 2 * 64
+    assert steps == [0, 1, 2]  # one update per optimizer step (its 0-based index), six micro-batches
