@@ -3,9 +3,10 @@ PyTorch loop doing the same forward, InfoNCE loss, backward and AdamW step on th
 
 Both run in this process, interleaved round by round (bare, ours, bare, ours, ...) so that machine noise
 hits both alike; each round starts from the same initial weights and times the steps after a warm-up.
-Last line: one JSON object with both figures and ``ratio`` = ours / bare (target >= 0.95).
+Rewrites the step-overhead section of docs/results.md. Last line: one JSON object with both figures and
+``ratio`` = ours / bare (target >= 0.95).
 
-    python bench/step_overhead.py [--batch-size 128] [--steps 20] [--warmup 3] [--rounds 3]
+    python bench/step_overhead.py [--batch-size 128] [--steps 20] [--warmup 3] [--rounds 3] [--no-write]
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ import copy
 import json
 import random
 import statistics
+import sys
 import time
 from functools import partial
+from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 
 from autoglm_train.data.shapes import captions_for, render, sample_shapes
@@ -28,6 +32,9 @@ from autoglm_train.losses.infonce import InfoNCE, infonce_loss
 from autoglm_train.losses.objective import Objective
 from autoglm_train.model.dual_encoder import DualEncoder
 from autoglm_train.model.towers import ImageTower, TextTower
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loss_comparison import RESULTS, replace_section  # noqa: E402
 
 OPTIMIZER = partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
 
@@ -39,7 +46,7 @@ def shapes_batch(batch_size: int, image_size: int = 64):
     captions = [captions_for(s)[0] for s in scenes]
     tokenizer = train_bpe(captions * 4, vocab_size=400, context_length=32)
     images = torch.stack(
-        [torch.tensor(list(render(s, rng, image_size).getdata()), dtype=torch.float32) for s in scenes]
+        [torch.from_numpy(np.asarray(render(s, rng, image_size), dtype=np.float32)) for s in scenes]
     )
     images = (
         ((images / 255 - 0.45) / 0.225).reshape(batch_size, image_size, image_size, 3).permute(0, 3, 1, 2)
@@ -110,6 +117,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/results.md alone")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -122,6 +130,8 @@ def main() -> None:
             rates[name].append(args.steps * args.batch_size / seconds)
             print(f"round {r + 1}/{args.rounds} {name:>4}: {rates[name][-1]:8.1f} samples/s", flush=True)
     ours, bare = statistics.median(rates["ours"]), statistics.median(rates["bare"])
+    if not args.no_write:
+        write_results(args, rates, ours, bare)
     print(
         f"median samples/s: ours {ours:.1f}, bare loop {bare:.1f}, ratio {ours / bare:.3f} (target >= 0.95)"
     )
@@ -139,6 +149,26 @@ def main() -> None:
             }
         )
     )
+
+
+def write_results(args, rates: dict[str, list[float]], ours: float, bare: float) -> None:
+    rows = "\n".join(
+        f"| {r + 1} | {rates['bare'][r]:.1f} | {rates['ours'][r]:.1f} |" for r in range(args.rounds)
+    )
+    body = (
+        "## Training-step overhead\n\n"
+        f"`python bench/step_overhead.py --batch-size {args.batch_size} --steps {args.steps} "
+        f"--rounds {args.rounds}`: ResNet-18 + 2-layer text transformer, one real shapes batch of "
+        f"{args.batch_size}, AdamW, {torch.get_num_threads()} threads; {args.steps} timed steps per round "
+        f"after {args.warmup} warm-up steps, bare loop and ours interleaved.\n\n"
+        "| round | bare PyTorch loop, samples/s | ours (Lightning + module + objective), samples/s |\n"
+        "|---|---|---|\n"
+        f"{rows}\n"
+        f"| median | {bare:.1f} | {ours:.1f} |\n\n"
+        f"Ratio ours / bare: **{ours / bare:.3f}** (target >= 0.95)."
+    )
+    text = RESULTS.read_text() if RESULTS.exists() else "# Results\n"
+    RESULTS.write_text(replace_section(text, "step_overhead", body))
 
 
 if __name__ == "__main__":
