@@ -164,6 +164,14 @@ def test_queue_without_momentum_is_a_config_error(tiny_cfg):
         train.run(tiny_cfg("loss.queue_size=64"))
 
 
+def test_a_queue_with_only_siglip_is_a_config_error():
+    from autoglm_train.losses.objective import Objective
+    from autoglm_train.losses.siglip import SigLIP
+
+    with pytest.raises(ValueError, match="no term uses a queue"):
+        Objective({"siglip": SigLIP()}, queue_size=64)
+
+
 @pytest.mark.slow
 def test_momentum_updates_once_per_optimizer_step_not_per_micro_batch(tiny_cfg, monkeypatch):
     from autoglm_train import train

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -10,6 +11,8 @@ from torch import nn
 
 from autoglm_train.losses.queue import FeatureQueue
 from autoglm_train.losses.schedules import Schedule
+
+log = logging.getLogger(__name__)
 
 # gather(x) -> (x gathered from every rank in rank order, this rank's offset into it)
 Gather = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
@@ -93,6 +96,14 @@ class Objective(nn.Module):
             distill_alpha,
             distill_ramp_steps,
         )
+        ignoring = [name for name, term in self.terms.items() if not getattr(term, "uses_queue", True)]
+        if queue_size and len(ignoring) == len(self.terms):
+            raise ValueError(
+                f"loss.queue_size={queue_size} but no term uses a queue ({ignoring} score in-batch pairs "
+                "only): set loss.queue_size=0, or add an infonce or triplet term"
+            )
+        if queue_size and ignoring:
+            log.warning("loss terms %s ignore the queue; the other terms use it", ignoring)
         self.queues: dict[str, FeatureQueue] = {}  # made on first use, when the embedding size is known
         self.gather = gather
 

@@ -37,6 +37,8 @@ def siglip_loss(
 class SigLIP(nn.Module):
     """Term module; the scale is the model's logit scale, the bias is learned here (init -10 as in SigLIP)."""
 
+    uses_queue = False  # scores the in-batch pairs only; momentum keys and queues do not apply
+
     def __init__(self, init_bias: float = -10.0, learn_bias: bool = True):
         super().__init__()
         self.logit_bias = nn.Parameter(torch.tensor(float(init_bias)), requires_grad=learn_bias)
