@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import RichProgressBar
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
 
@@ -53,6 +53,27 @@ def build_logger(cfg: DictConfig):
     if cfg.get("logger") is None:
         return False
     return instantiate(cfg.logger)
+
+
+def split_trainer_config(cfg: DictConfig) -> tuple[DictConfig, int, float | None]:
+    """The Trainer's arguments, less ours: ``grad_cache_chunks`` (and with it gradient clipping, which
+    the module then does itself, since Lightning clips only under automatic optimization)."""
+    trainer_cfg = OmegaConf.create(OmegaConf.to_container(cfg.trainer, resolve=True))
+    with open_dict(trainer_cfg):
+        chunks = int(trainer_cfg.pop("grad_cache_chunks", 1) or 1)
+        grad_clip = None
+        if chunks > 1:
+            if trainer_cfg.get("accumulate_grad_batches", 1) != 1:
+                raise ValueError(
+                    "trainer.grad_cache_chunks and trainer.accumulate_grad_batches do not combine: "
+                    "gradient caching already gives the whole batch's gradient; raise data.batch_size"
+                )
+            grad_clip = trainer_cfg.pop("gradient_clip_val", None)
+    if cfg.compression.mode != "none" and "strategy" not in trainer_cfg:
+        raise ValueError(
+            f"compression={cfg.compression.mode} compresses DDP gradients: use trainer=ddp or trainer=ddp_cpu"
+        )
+    return trainer_cfg, chunks, grad_clip
 
 
 def final_metrics(
@@ -124,6 +145,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         momentum = MomentumEncoder(model, cfg.momentum.m, cfg.momentum.schedule, cfg.trainer.max_steps)
     elif objective.queue_size or objective.distill_alpha:
         raise ValueError("loss.queue_size and loss.distill_alpha need momentum.enabled=true")
+    trainer_cfg, grad_cache_chunks, grad_clip = split_trainer_config(cfg)
     module = DualEncoderModule(
         model,
         objective,
@@ -133,13 +155,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
         eval_chunk_size=cfg.eval.chunk_size,
         tokenizer_json=tokenizer.to_json(),
         momentum=momentum,
+        grad_cache_chunks=grad_cache_chunks,
+        grad_clip=grad_clip,
     )
     timer = TrainTimer()
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] + [timer]
     if cfg.progress_bar:
         callbacks.append(RichProgressBar())
     trainer: L.Trainer = instantiate(
-        cfg.trainer,
+        trainer_cfg,
         callbacks=callbacks,
         logger=build_logger(cfg),
         default_root_dir=str(output_dir),

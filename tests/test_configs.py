@@ -104,3 +104,26 @@ def test_temperature_and_margin_schedules_from_the_command_line(tmp_path):
 def test_optuna_search_config_composes(tmp_path):
     cfg = compose_config(["hparams_search=margin_temperature"], tmp_path)
     assert cfg.optimized_metric == "val/r1_mean" and "triplet" in cfg.loss.objective.terms
+
+
+@pytest.mark.parametrize("mode", ["none", "fp16", "bf16", "powersgd"])
+@pytest.mark.parametrize("trainer", ["ddp", "ddp_cpu"])
+def test_ddp_trainers_build_our_strategy_with_the_compression(trainer, mode, tmp_path):
+    from autoglm_train.distributed.compression import CompressedDDPStrategy
+
+    cfg = compose_config([f"trainer={trainer}", f"compression={mode}"], tmp_path)
+    trainer_cfg, chunks, _ = train.split_trainer_config(cfg)
+    strategy = instantiate(trainer_cfg.strategy)
+    assert isinstance(strategy, CompressedDDPStrategy) and strategy.compression == mode and chunks == 1
+    assert strategy._process_group_backend == ("nccl" if trainer == "ddp" else "gloo")
+
+
+def test_compression_without_ddp_and_grad_cache_with_accumulation_are_errors(tmp_path):
+    with pytest.raises(ValueError, match="use trainer=ddp"):
+        train.split_trainer_config(compose_config(["compression=fp16"], tmp_path))
+    cfg = compose_config(["trainer.grad_cache_chunks=4", "trainer.accumulate_grad_batches=2"], tmp_path)
+    with pytest.raises(ValueError, match="do not combine"):
+        train.split_trainer_config(cfg)
+    cfg = compose_config(["trainer.grad_cache_chunks=4", "trainer.gradient_clip_val=1.0"], tmp_path)
+    trainer_cfg, chunks, clip = train.split_trainer_config(cfg)
+    assert chunks == 4 and clip == 1.0 and "gradient_clip_val" not in trainer_cfg

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from collections import Counter
@@ -13,6 +14,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from autoglm_train.distributed.gather import gather_variable, gather_with_grad
 from autoglm_train.eval.retrieval import retrieval_metrics
+from autoglm_train.lit.grad_cache import grad_cache_step
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: float, min_ratio: float) -> float:
@@ -36,6 +38,8 @@ class DualEncoderModule(L.LightningModule):
         eval_chunk_size: int = 1024,
         tokenizer_json: str | None = None,
         momentum: torch.nn.Module | None = None,
+        grad_cache_chunks: int = 1,
+        grad_clip: float | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["model", "objective", "optimizer", "tokenizer_json", "momentum"])
@@ -49,13 +53,23 @@ class DualEncoderModule(L.LightningModule):
         self._batches_this_epoch = self._resumed_batches = 0
         self.last_val: tuple[int, dict[str, float]] | None = None
         self._val: dict[str, list[torch.Tensor]] = {}
+        # gradient caching drives its own backward passes, so the optimizer step is ours too
+        self.automatic_optimization = grad_cache_chunks <= 1
 
     # --- training -------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        image, text, logit_scale = self.model(batch["image"], batch["text"])
         keys = self.momentum.encode(batch["image"], batch["text"]) if self.momentum is not None else None
-        out = self.objective(image, text, logit_scale, batch.get("id"), step=self.global_step, momentum=keys)
-        n = image.shape[0]
+        if self.automatic_optimization:
+            image, text, logit_scale = self.model(batch["image"], batch["text"])
+            out = self.objective(
+                image, text, logit_scale, batch.get("id"), step=self.global_step, momentum=keys
+            )
+            # a loss without temperature (triplet) leaves the logit scale out of the graph, which DDP
+            # (find_unused_parameters=False) refuses; a zero term keeps it in at no cost
+            out["loss"] = out["loss"] + 0.0 * logit_scale
+        else:
+            out, logit_scale = self._grad_cache_step(batch, keys)
+        n = batch["image"].shape[0]
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=n)
         for key, value in out.items():  # each term, and every scheduled value, on its own
             if key != "loss":
@@ -66,6 +80,53 @@ class DualEncoderModule(L.LightningModule):
         self._batches_this_epoch += 1
         return out["loss"]
 
+    def _grad_cache_step(self, batch: dict, keys) -> tuple[dict, torch.Tensor]:
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        step = self.global_step
+
+        def loss_fn(image, text, logit_scale):
+            return self.objective(image, text, logit_scale, batch.get("id"), step=step, momentum=keys)
+
+        def backward(surrogate: torch.Tensor, last: bool) -> None:
+            # DDP syncs gradients only in the last chunk's backward; single-device strategies never do
+            block = getattr(self.trainer.strategy, "block_backward_sync", None)
+            with contextlib.nullcontext() if last or block is None else block():
+                self.manual_backward(surrogate)
+
+        out = grad_cache_step(
+            self.model,
+            batch["image"],
+            batch["text"],
+            self.hparams.grad_cache_chunks,
+            loss_fn,
+            [p for p in self.objective.parameters() if p.requires_grad],
+            backward,
+        )
+        self._log_comm()
+        if self.hparams.grad_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        self._update_momentum()
+        return out, self.model.logit_scale().detach()
+
+    def on_after_backward(self) -> None:
+        self._log_comm()
+
+    def _log_comm(self) -> None:
+        # bytes the DDP comm hook all-reduced in the last synchronizing backward, vs uncompressed
+        stats = getattr(self.trainer.strategy, "comm_stats", None)
+        if stats:
+            self.log("comm/bytes", stats["bytes"])
+            self.log("comm/bytes_uncompressed", stats["uncompressed"])
+            self.log("comm/ratio", stats["bytes"] / stats["uncompressed"])
+
+    def _update_momentum(self) -> None:
+        if self.momentum is not None:
+            self.momentum.update(self.model, step=self.global_step)
+            self.log("train/sched/momentum", self.momentum.get_decay(self.global_step))
+
     def on_train_epoch_start(self) -> None:
         # a run resumed mid-epoch starts its first epoch with the batches it already trained on
         self._batches_this_epoch, self._resumed_batches = self._resumed_batches, 0
@@ -73,9 +134,7 @@ class DualEncoderModule(L.LightningModule):
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         # once per optimizer step, not per micro-batch: Lightning calls this only when it steps
-        if self.momentum is not None:
-            self.momentum.update(self.model, step=self.global_step)
-            self.log("train/sched/momentum", self.momentum.get_decay(self.global_step))
+        self._update_momentum()
 
     def _count_skipped(self, skipped: dict | None) -> None:
         if skipped:

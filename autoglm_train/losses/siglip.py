@@ -41,15 +41,16 @@ class SigLIP(nn.Module):
 
     def __init__(self, init_bias: float = -10.0, learn_bias: bool = True):
         super().__init__()
-        self.logit_bias = nn.Parameter(torch.tensor(float(init_bias)), requires_grad=learn_bias)
+        # shape (1,): PowerSGD's DDP hook cannot take 0-dim gradients
+        self.logit_bias = nn.Parameter(torch.tensor([float(init_bias)]), requires_grad=learn_bias)
 
     def forward(self, batch) -> torch.Tensor:
-        batch.scheduled["siglip_bias"] = float(self.logit_bias.detach())
+        batch.scheduled["siglip_bias"] = float(self.logit_bias.detach()[0])
         return siglip_loss(
             batch.image,
             batch.text_all,
             batch.logit_scale,
-            self.logit_bias,
+            self.logit_bias[0],
             batch.offset,
             batch.ids,
             batch.ids_all,

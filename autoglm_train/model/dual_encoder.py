@@ -43,8 +43,9 @@ class DualEncoder(nn.Module):
         self.text_proj = projection(text_tower.width, embed_dim, projection_kind)
         self.embed_dim = embed_dim
         self.max_log_scale = math.log(max_logit_scale)
+        # shape (1,), not a 0-dim scalar: PowerSGD's DDP hook views every gradient as a matrix
         self.log_logit_scale = nn.Parameter(
-            torch.tensor(math.log(1.0 / init_temperature)), requires_grad=learn_temperature
+            torch.tensor([math.log(1.0 / init_temperature)]), requires_grad=learn_temperature
         )
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -54,7 +55,7 @@ class DualEncoder(nn.Module):
         return F.normalize(self.text_proj(self.text_tower(tokens)), dim=-1)
 
     def logit_scale(self) -> torch.Tensor:
-        return self.log_logit_scale.clamp(max=self.max_log_scale).exp()
+        return self.log_logit_scale[0].clamp(max=self.max_log_scale).exp()
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
         return self.encode_image(images), self.encode_text(tokens), self.logit_scale()

@@ -1,0 +1,170 @@
+"""Two gloo ranks through Lightning and CompressedDDPStrategy: the same training as one process holding
+the global batch, and each compression hook really attached and within its expected error."""
+
+import os
+import socket
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import _should_compress
+
+from autoglm_train.distributed.compression import CompressedDDPStrategy
+from autoglm_train.lit.module import DualEncoderModule
+from autoglm_train.losses.infonce import InfoNCE
+from autoglm_train.losses.objective import Objective
+from autoglm_train.losses.triplet import TripletLoss
+from autoglm_train.model.dual_encoder import DualEncoder
+from autoglm_train.model.towers import ImageTower, TextTower
+
+pytestmark = pytest.mark.slow
+B, STEPS, WORLD = 8, 3, 2  # per-rank batch; the single process takes 2B
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def global_batches():
+    g = torch.Generator().manual_seed(7)
+    return [
+        {
+            "image": torch.randn(WORLD * B, 3, 32, 32, generator=g),
+            "text": torch.randint(1, 50, (WORLD * B, 8), generator=g),
+            # pairs of rows share an id (two captions of one image): masking must hold across ranks
+            "id": torch.arange(WORLD * B) // 2 + 100 * s,
+        }
+        for s in range(STEPS)
+    ]
+
+
+def make_module(loss: str) -> DualEncoderModule:
+    torch.manual_seed(0)  # no batch norm: per-rank statistics would differ from the global batch's
+    image_tower = ImageTower("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+    model = DualEncoder(image_tower, TextTower(50, 32, 1, 2, 8), embed_dim=16)
+    term = InfoNCE() if loss == "infonce" else TripletLoss(margin=0.2, mining="semihard")
+    # SGD, not Adam: Adam turns float noise in near-zero gradients (e.g. attention key biases) into
+    # full-size updates, which would hide a real difference behind an arbitrary tolerance
+    optimizer = partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=0.1)
+    return DualEncoderModule(model, Objective({loss: term}), optimizer=optimizer)
+
+
+class Record(L.Callback):
+    def __init__(self):
+        self.losses, self.grads = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+    def on_after_backward(self, trainer, pl_module):
+        self.grads.append({n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None})
+
+
+def fit(module, batches, strategy="auto", devices=1) -> Record:
+    record = Record()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=STEPS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[record],
+    )
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=[])
+    return record
+
+
+def worker(rank: int, port: int, out_dir: str, loss: str, compression: str, options: dict) -> None:
+    # as under srun: the processes exist already, Lightning only joins them
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0")
+    torch.set_num_threads(1)
+    module = make_module(loss)
+    shard = [{k: v[rank * B : (rank + 1) * B] for k, v in b.items()} for b in global_batches()]
+    strategy = CompressedDDPStrategy(compression=compression, process_group_backend="gloo", **options)
+    record = fit(module, shard, strategy=strategy, devices=WORLD)
+    torch.save(
+        {
+            "losses": record.losses,
+            "grads": record.grads,
+            "params": {n: p.detach().clone() for n, p in module.named_parameters()},
+            "hook": strategy.comm_hook_name,
+            "comm": strategy.comm_stats,
+        },
+        Path(out_dir) / f"{compression}-{loss}-rank{rank}.pt",
+    )
+
+
+def run_two_ranks(tmp_path, loss="infonce", compression="none", **options):
+    mp.spawn(worker, args=(free_port(), str(tmp_path), loss, compression, options), nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"{compression}-{loss}-rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("loss", ["infonce", "triplet"])
+def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path, loss):
+    ranks = run_two_ranks(tmp_path, loss)
+    module = make_module(loss)
+    single = fit(module, global_batches())
+    # each rank's loss is its share of the global mean; DDP averages, so the mean over ranks is the loss
+    for step in range(STEPS):
+        mean = sum(r["losses"][step] for r in ranks) / WORLD
+        assert mean == pytest.approx(single.losses[step], abs=1e-5), step
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(ranks[0]["params"][name], p.detach(), atol=1e-5, rtol=0, msg=name)
+        assert torch.equal(ranks[1]["params"][name], ranks[0]["params"][name]), name  # replicas in lockstep
+    assert ranks[0]["hook"] == "allreduce_hook"
+
+
+@pytest.fixture(scope="module")
+def uncompressed(tmp_path_factory):
+    return run_two_ranks(tmp_path_factory.mktemp("none"))[0]
+
+
+@pytest.mark.parametrize(
+    ("mode", "hook", "rel_err"),
+    [("fp16", "fp16_compress_hook", 2e-3), ("bf16", "bf16_compress_hook", 1.6e-2)],
+)
+def test_half_precision_hooks_are_attached_and_within_rounding(tmp_path, uncompressed, mode, hook, rel_err):
+    got = run_two_ranks(tmp_path, compression=mode)[0]
+    assert got["hook"] == hook
+    assert got["comm"]["bytes"] == pytest.approx(uncompressed["comm"]["bytes"] / 2)
+    assert len(got["losses"]) == STEPS and all(map(torch.isfinite, map(torch.tensor, got["losses"])))
+    for name, g in uncompressed["grads"][0].items():
+        err = (got["grads"][0][name] - g).abs().max()
+        assert err <= rel_err * g.abs().max() + 1e-7, (name, float(err))
+
+
+def test_powersgd_is_attached_and_sends_a_low_rank_projection(tmp_path, uncompressed):
+    # two plain steps (same parameters as the uncompressed run), then at the third, without error
+    # feedback, each compressed matrix is P P^T M exactly, M the uncompressed average; what PowerSGD
+    # leaves uncompressed is all-reduced as is
+    options = dict(powersgd_rank=1, powersgd_start_iter=2, error_feedback=False)
+    got = run_two_ranks(tmp_path, compression="powersgd", **options)[0]
+    for name, g in uncompressed["grads"][1].items():
+        assert torch.equal(got["grads"][1][name], g), name
+    assert got["hook"] == "powerSGD_hook"
+    assert got["comm"]["bytes"] < 0.5 * uncompressed["comm"]["bytes"]
+    compressed = 0
+    for name, m in uncompressed["grads"][2].items():
+        c = got["grads"][2][name]
+        matrix = m.reshape(m.shape[0], -1) if m.ndim > 1 else None
+        if matrix is None or not _should_compress(*matrix.shape, 1, 2)[0]:
+            torch.testing.assert_close(c, m, atol=1e-6, rtol=1e-5, msg=name)
+            continue
+        compressed += 1
+        c = c.reshape(matrix.shape)
+        assert torch.linalg.matrix_rank(c, rtol=1e-4) <= 1, name
+        # an orthogonal projection: no longer than M, and the residual is orthogonal to it
+        assert c.norm() <= matrix.norm() * (1 + 1e-4), name
+        residual = matrix - c
+        assert (residual * c).sum().abs() <= 1e-3 * matrix.norm() ** 2 + 1e-9, name
+    assert compressed > 0
