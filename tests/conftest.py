@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -39,6 +40,25 @@ TINY = [
     "logger=csv",
     "progress_bar=false",
 ]
+
+
+def unit_embeddings(n: int, d: int, seed: int):
+    """Random unit-norm fp64 image and text embeddings (independent), ready for gradients."""
+    g = torch.Generator().manual_seed(seed)
+    image = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
+    text = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
+    return image, text
+
+
+def assert_rank_shares_equal_whole(rank_loss, whole: torch.Tensor, inputs: tuple, world: int) -> None:
+    """Simulated ranks: ``rank_loss(rank)`` scores that rank's rows against the gathered batch. The mean of
+    the rank losses, and the sum of their gradients / world (DDP's average), equal the whole batch's."""
+    whole_grads = torch.autograd.grad(whole, inputs)
+    losses = [rank_loss(rank) for rank in range(world)]
+    assert torch.stack(losses).mean().item() == pytest.approx(whole.item(), rel=1e-12)
+    grads = [torch.autograd.grad(loss / world, inputs) for loss in losses]
+    for k, ref in enumerate(whole_grads):
+        torch.testing.assert_close(sum(g[k] for g in grads), ref, rtol=1e-10, atol=1e-13)
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import assert_rank_shares_equal_whole, unit_embeddings
 
 from autoglm_train.losses.infonce import InfoNCE, infonce_loss
 from autoglm_train.losses.objective import Objective
@@ -21,11 +21,7 @@ def brute_force_infonce(image, text, scale):
     return total / (2 * n)
 
 
-def embeddings(n, d, seed):
-    g = torch.Generator().manual_seed(seed)
-    image = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
-    text = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
-    return image, text
+embeddings = unit_embeddings
 
 
 @pytest.mark.parametrize("n,d,scale", [(1, 4, 14.3), (7, 16, 1 / 0.07), (12, 8, 100.0)])
@@ -62,19 +58,12 @@ def test_local_vs_global_equals_whole_batch(world):
     image, text = embeddings(world * b, d, seed=world)
     scale = torch.tensor(20.0, dtype=torch.float64)
     whole = infonce_loss(image, text, image, text, scale)
-    whole_grads = torch.autograd.grad(whole, (image, text))
 
-    per_rank = []
-    grads = [torch.zeros_like(image), torch.zeros_like(text)]
-    for rank in range(world):
+    def rank_loss(rank):
         rows = slice(rank * b, (rank + 1) * b)
-        loss = infonce_loss(image[rows], text[rows], image, text, scale, offset=rank * b)
-        per_rank.append(loss)
-        for acc, g in zip(grads, torch.autograd.grad(loss, (image, text)), strict=True):
-            acc += g / world
-    assert torch.stack(per_rank).mean().item() == pytest.approx(whole.item(), rel=1e-12)
-    for ours, ref in zip(grads, whole_grads, strict=True):
-        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-13)
+        return infonce_loss(image[rows], text[rows], image, text, scale, offset=rank * b)
+
+    assert_rank_shares_equal_whole(rank_loss, whole, (image, text), world)
 
 
 def test_objective_weights_terms_and_rejects_unknown_names():

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import assert_rank_shares_equal_whole, unit_embeddings
 
 from autoglm_train.losses.infonce import InfoNCE
 from autoglm_train.losses.objective import Objective
@@ -20,12 +20,7 @@ def brute_force_siglip(image, text, scale, bias, ids):
     return total / image.shape[0]
 
 
-def embeddings(n, d, seed):
-    g = torch.Generator().manual_seed(seed)
-    return (
-        F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
-        for _ in range(2)
-    )
+embeddings = unit_embeddings
 
 
 def test_siglip_matches_brute_force_with_gradients():
@@ -52,11 +47,11 @@ def test_siglip_local_vs_global_equals_whole_batch():
     image, text = embeddings(world * b, 8, seed=1)
     scale, bias = torch.tensor(10.0, dtype=torch.float64), torch.tensor(-5.0, dtype=torch.float64)
     whole = siglip_loss(image, text, scale, bias)
-    parts = [siglip_loss(image[r * b : (r + 1) * b], text, scale, bias, offset=r * b) for r in range(world)]
-    assert torch.stack(parts).mean().item() == pytest.approx(whole.item(), rel=1e-12)
-    grads = [torch.autograd.grad(p / world, (image, text)) for p in parts]
-    for k, ref in enumerate(torch.autograd.grad(whole, (image, text))):
-        torch.testing.assert_close(sum(g[k] for g in grads), ref, rtol=1e-10, atol=1e-13)
+
+    def rank_loss(r):
+        return siglip_loss(image[r * b : (r + 1) * b], text, scale, bias, offset=r * b)
+
+    assert_rank_shares_equal_whole(rank_loss, whole, (image, text), world)
 
 
 def test_siglip_bias_is_a_trained_parameter_and_logged():

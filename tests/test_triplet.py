@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_rank_shares_equal_whole
 
 from autoglm_train.losses.objective import Objective
 from autoglm_train.losses.schedules import Linear
@@ -112,12 +113,11 @@ def test_local_vs_global_with_global_count_equals_whole_batch(mining):
     image, text = embeddings(world * b, 8, seed=4)
     image.requires_grad_(), text.requires_grad_()
     whole = triplet_loss(image, text, image, text, 0.3, mining)
-    whole_grads = torch.autograd.grad(whole, (image, text))
     total = len(brute_force(image.detach(), text.detach(), 0.3, mining)[0])
-    losses, grads = [], [torch.zeros_like(image), torch.zeros_like(text)]
-    for rank in range(world):
+
+    def rank_loss(rank):
         rows = slice(rank * b, (rank + 1) * b)
-        loss = triplet_loss(
+        return triplet_loss(
             image[rows],
             text[rows],
             image,
@@ -127,12 +127,8 @@ def test_local_vs_global_with_global_count_equals_whole_batch(mining):
             offset=rank * b,
             global_count=lambda c: (torch.tensor(float(total)), world),
         )
-        losses.append(loss)
-        for acc, g in zip(grads, torch.autograd.grad(loss, (image, text)), strict=True):
-            acc += g / world
-    assert torch.stack(losses).mean().item() == pytest.approx(whole.item(), rel=1e-12)
-    for ours, ref in zip(grads, whole_grads, strict=True):
-        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-13)
+
+    assert_rank_shares_equal_whole(rank_loss, whole, (image, text), world)
 
 
 def test_margin_warmup_is_scheduled_and_reported():
