@@ -21,32 +21,35 @@ class Constant(Schedule):
         return f"Constant({self.value})"
 
 
-class Linear(Schedule):
+class _Ramp(Schedule):
+    """From ``start`` to ``end`` over ``steps`` optimizer steps along ``_shape``, then ``end``."""
+
+    def __init__(self, start: float, end: float, steps: int):
+        if steps < 0:
+            raise ValueError(f"schedule steps must be >= 0, got {steps}")
+        self.start, self.end, self.steps = float(start), float(end), int(steps)
+
+    def __call__(self, step: int) -> float:
+        if self.steps == 0 or step >= self.steps:
+            return self.end
+        return self._shape(step / self.steps)
+
+    def _shape(self, progress: float) -> float:
+        raise NotImplementedError
+
+
+class Linear(_Ramp):
     """From ``start`` to ``end`` linearly over ``steps`` optimizer steps, then ``end`` (a warm-up)."""
 
-    def __init__(self, start: float, end: float, steps: int):
-        if steps < 0:
-            raise ValueError(f"schedule steps must be >= 0, got {steps}")
-        self.start, self.end, self.steps = float(start), float(end), int(steps)
-
-    def __call__(self, step: int) -> float:
-        if self.steps == 0 or step >= self.steps:
-            return self.end
-        return self.start + (self.end - self.start) * step / self.steps
+    def _shape(self, progress: float) -> float:
+        return self.start + (self.end - self.start) * progress
 
 
-class Cosine(Schedule):
+class Cosine(_Ramp):
     """From ``start`` to ``end`` along a half cosine over ``steps`` optimizer steps, then ``end``."""
 
-    def __init__(self, start: float, end: float, steps: int):
-        if steps < 0:
-            raise ValueError(f"schedule steps must be >= 0, got {steps}")
-        self.start, self.end, self.steps = float(start), float(end), int(steps)
-
-    def __call__(self, step: int) -> float:
-        if self.steps == 0 or step >= self.steps:
-            return self.end
-        return self.end + (self.start - self.end) * 0.5 * (1 + math.cos(math.pi * step / self.steps))
+    def _shape(self, progress: float) -> float:
+        return self.end + (self.start - self.end) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def as_schedule(value) -> Schedule:
