@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,13 @@ TINY = [
     "logger=csv",
     "progress_bar=false",
 ]
+
+
+def free_port() -> int:
+    """A TCP port free now on localhost, for a test's process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def unit_embeddings(n: int, d: int, seed: int):

@@ -2,7 +2,6 @@
 the global batch, and each compression hook really attached and within its expected error."""
 
 import os
-import socket
 from functools import partial
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import lightning as L
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import free_port
 from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import _should_compress
 
 from autoglm_train.distributed.compression import CompressedDDPStrategy
@@ -22,12 +22,6 @@ from autoglm_train.model.towers import ImageTower, TextTower
 
 pytestmark = pytest.mark.slow
 B, STEPS, WORLD = 8, 3, 2  # per-rank batch; the single process takes 2B
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def global_batches():
@@ -56,10 +50,13 @@ def make_module(loss: str) -> DualEncoderModule:
 
 class Record(L.Callback):
     def __init__(self):
-        self.losses, self.grads = [], []
+        self.losses, self.grads, self.logged = [], [], {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(outputs["loss"]))
+
+    def on_train_end(self, trainer, pl_module):
+        self.logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     def on_after_backward(self, trainer, pl_module):
         self.grads.append({n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None})
@@ -99,6 +96,7 @@ def worker(rank: int, port: int, out_dir: str, loss: str, compression: str, opti
             "params": {n: p.detach().clone() for n, p in module.named_parameters()},
             "hook": strategy.comm_hook_name,
             "comm": strategy.comm_stats,
+            "logged": record.logged,
         },
         Path(out_dir) / f"{compression}-{loss}-rank{rank}.pt",
     )
@@ -137,6 +135,7 @@ def test_half_precision_hooks_are_attached_and_within_rounding(tmp_path, uncompr
     got = run_two_ranks(tmp_path, compression=mode)[0]
     assert got["hook"] == hook
     assert got["comm"]["bytes"] == pytest.approx(uncompressed["comm"]["bytes"] / 2)
+    assert got["logged"]["comm/ratio"] == pytest.approx(got["comm"]["bytes"] / got["comm"]["uncompressed"])
     assert len(got["losses"]) == STEPS and all(map(torch.isfinite, map(torch.tensor, got["losses"])))
     for name, g in uncompressed["grads"][0].items():
         err = (got["grads"][0][name] - g).abs().max()

@@ -2,7 +2,6 @@
 
 import csv
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import free_port
 
 from autoglm_train import train
 from autoglm_train.distributed.gather import gather_with_grad
@@ -18,12 +18,6 @@ from autoglm_train.losses.objective import Objective
 
 pytestmark = pytest.mark.slow
 QUEUE, BATCH, STEPS = 10, 3, 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def batch_keys(rank: int, step: int):

@@ -107,11 +107,16 @@ class CompressedDDPStrategy(DDPStrategy):
         )
         self.comm_stats: dict[str, float] = {}
         self.comm_hook_name: str | None = None
+        self._uncompressed_bytes = 0.0
 
     def _register_ddp_hooks(self) -> None:
         state, hook = comm_hook(self.compression, process_group=None, **self._hook_options)
         self.model.register_comm_hook(state, hook)
         _count_all_reduce_bytes()
+        # what plain DDP would send: every trained parameter's gradient in fp32
+        self._uncompressed_bytes = float(
+            sum(p.numel() * 4 for p in self.model.parameters() if p.requires_grad)
+        )
         # what DDP itself reports as registered (asserted by the tests, not assumed)
         self.comm_hook_name = self.model._get_ddp_logging_data().get("comm_hook")
         if self.global_rank == 0:
@@ -127,6 +132,4 @@ class CompressedDDPStrategy(DDPStrategy):
         super().post_backward(closure_loss)
         _count.active = False
         if _count.bytes:  # zero when the backward did not sync (gradient accumulation)
-            grads = [p for p in self.model.parameters() if p.requires_grad]
-            uncompressed = sum(p.numel() * 4 for p in grads)
-            self.comm_stats = {"bytes": float(_count.bytes), "uncompressed": float(uncompressed)}
+            self.comm_stats = {"bytes": float(_count.bytes), "uncompressed": self._uncompressed_bytes}

@@ -102,7 +102,6 @@ class DualEncoderModule(L.LightningModule):
             [p for p in self.objective.parameters() if p.requires_grad],
             backward,
         )
-        self._log_comm()
         if self.hparams.grad_clip:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip)
         optimizer.step()
@@ -111,11 +110,10 @@ class DualEncoderModule(L.LightningModule):
         self._update_momentum()
         return out, self.model.logit_scale().detach()
 
-    def on_after_backward(self) -> None:
-        self._log_comm()
-
-    def _log_comm(self) -> None:
-        # bytes the DDP comm hook all-reduced in the last synchronizing backward, vs uncompressed
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # after the strategy has counted the backward (on_after_backward runs before it does), in both
+        # automatic and manual optimization: bytes the comm hook all-reduced in the last synchronizing
+        # backward, vs uncompressed
         stats = getattr(self.trainer.strategy, "comm_stats", None)
         if stats:
             self.log("comm/bytes", stats["bytes"])
