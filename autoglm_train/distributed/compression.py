@@ -97,6 +97,11 @@ class CompressedDDPStrategy(DDPStrategy):
     ):
         if compression not in MODES:
             raise ValueError(f"compression.mode={compression!r}: expected one of {', '.join(MODES)}")
+        if compression == "powersgd" and kwargs.get("process_group_backend") != "nccl":
+            # torch's PowerSGD hook issues its later all-reduces from future callbacks; on gloo those of
+            # different buckets can reach the ranks in different orders (a collective mismatch that aborts
+            # the process), so all gradients go in one bucket there
+            kwargs.setdefault("bucket_cap_mb", 2**20)
         super().__init__(**kwargs)
         self.compression = compression
         self._hook_options = dict(
