@@ -76,6 +76,34 @@ def split_trainer_config(cfg: DictConfig) -> tuple[DictConfig, int, float | None
     return trainer_cfg, chunks, grad_clip
 
 
+def find_resume_checkpoint(output_dir: Path) -> Path | None:
+    """The newest checkpoint a requeued (or re-run) job left in its own run directory: Lightning's
+    preemption checkpoint (``hpc_ckpt_N.ckpt``, written on Slurm's warning signal) or the periodic
+    ``checkpoints/last.ckpt`` (all there is after a hard kill)."""
+    candidates = [*output_dir.glob("hpc_ckpt_*.ckpt"), output_dir / "checkpoints" / "last.ckpt"]
+    found = [p for p in candidates if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def check_launch(trainer: L.Trainer) -> str:
+    """Name the cluster environment; refuse what would go wrong silently.
+
+    Lightning's own DDP launcher starts the other ranks by re-running the command line, which under a
+    local Hydra multirun would start the whole sweep again in each child.
+    """
+    environment = trainer._accelerator_connector.cluster_environment
+    launches_children = (
+        trainer.num_devices * trainer.num_nodes > 1 and not environment.creates_processes_externally
+    )
+    if launches_children and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise ValueError(
+            "a local multirun cannot start DDP processes (Lightning re-runs the command line for each "
+            "rank, which would restart the sweep): sweep with hydra/launcher=slurm, where srun makes "
+            "the ranks, or run each point of the sweep as its own command"
+        )
+    return type(environment).__name__
+
+
 def final_metrics(
     module: DualEncoderModule, trainer: L.Trainer, datamodule, timer: TrainTimer
 ) -> dict[str, float]:
@@ -129,10 +157,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("threads"):
         torch.set_num_threads(cfg.threads)
 
+    ckpt_path = cfg.ckpt_path or find_resume_checkpoint(output_dir)
+    if ckpt_path and not cfg.ckpt_path:
+        console.print(f"[bold]Resuming[/bold] from {ckpt_path} (found in the run directory)")
+
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()  # makes or checks the shards before anything expensive is built
 
-    tokenizer = build_tokenizer(cfg.tokenizer, datamodule.train_shards, datamodule.caption_key, cfg.ckpt_path)
+    tokenizer = build_tokenizer(cfg.tokenizer, datamodule.train_shards, datamodule.caption_key, ckpt_path)
     tokenizer.save(output_dir / "tokenizer.json")
     with open_dict(cfg):
         cfg.model.text_tower.vocab_size = tokenizer.vocab_size
@@ -169,7 +201,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         default_root_dir=str(output_dir),
         enable_progress_bar=bool(cfg.progress_bar),
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    environment = check_launch(trainer)
+    log.info("cluster environment: %s (rank %d of %d)", environment, trainer.global_rank, trainer.world_size)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     # the final state, whatever the checkpoint callbacks' schedule (Lightning writes it on rank 0)
     trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt", weights_only=False)
     metrics = final_metrics(module, trainer, datamodule, timer)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import random
+import signal
 from collections.abc import Callable, Sequence
 
 import lightning as L
 import timm.data
 import torch
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
 from autoglm_train.data.shards import (
@@ -21,6 +24,15 @@ from autoglm_train.data.shards import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def ignore_requeue_signal(worker_id: int) -> None:
+    # Slurm sends its pre-timeout SIGUSR1 to every process of the step; a loader worker would die of it
+    # (default action) while the training process saves its checkpoint and requeues the job
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    # Lightning seeds workers only when no worker_init_fn is set: keep its seeding
+    if os.environ.get("PL_SEED_WORKERS") == "1":
+        pl_worker_init_function(worker_id)
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -116,7 +128,11 @@ class ShardDataModule(L.LightningDataModule):
         # workers are not persistent: each epoch starts them with seeds from (seed, epoch), which is what
         # lets a resumed run replay the same stream (see ReplayableStream)
         return DataLoader(
-            pipeline, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None
+            pipeline,
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=4 if workers else None,
+            worker_init_fn=ignore_requeue_signal if workers else None,
         )
 
     def train_dataloader(self):
