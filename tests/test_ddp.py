@@ -1,7 +1,10 @@
 """Two gloo ranks through Lightning and CompressedDDPStrategy: the same training as one process holding
 the global batch, and each compression hook really attached and within its expected error."""
 
+import json
 import os
+import subprocess
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -9,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import free_port
+from conftest import TINY, free_port
 from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import _should_compress
 
 from autoglm_train.distributed.compression import CompressedDDPStrategy
@@ -167,3 +170,47 @@ def test_powersgd_is_attached_and_sends_a_low_rank_projection(tmp_path, uncompre
         residual = matrix - c
         assert (residual * c).sum().abs() <= 1e-3 * matrix.norm() ** 2 + 1e-9, name
     assert compressed > 0
+
+
+def gather_worker(rank: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from autoglm_train.distributed.gather import gather_variable
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    # rank 1 evaluated no shard: it holds an empty tensor of unknown width and dtype
+    embeddings = torch.arange(6.0).reshape(3, 2) if rank == 0 else torch.empty(0)
+    ids = torch.tensor([5, 6, 7]) if rank == 0 else torch.empty(0)
+    torch.save([gather_variable(embeddings), gather_variable(ids)], Path(out_dir) / f"gather{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_gathering_evaluation_outputs_when_a_rank_has_no_shard(tmp_path):
+    mp.spawn(gather_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        embeddings, ids = torch.load(tmp_path / f"gather{rank}.pt")
+        assert torch.equal(embeddings, torch.arange(6.0).reshape(3, 2))
+        assert torch.equal(ids, torch.tensor([5, 6, 7]))
+
+
+def test_command_line_ddp_cpu_run_with_compression(shapes_dir, tmp_path):
+    # two gloo processes started by Lightning's launcher; the tiny set has one held-out shard, so the
+    # second rank evaluates nothing and the first all 200 images
+    run_dir = tmp_path / "ddp"
+    env = {**os.environ, "AUTOGLM_DATA_DIR": str(shapes_dir), "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, "-m", "autoglm_train", *TINY, "trainer=ddp_cpu", "compression=fp16"]
+    args += ["trainer.max_steps=4", "trainer.log_every_n_steps=1", f"hydra.run.dir={run_dir}"]
+    done = subprocess.run(
+        args, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=400
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert "cluster environment: LightningEnvironment (rank 0 of 2)" in out
+    assert "DDP comm hook fp16_compress_hook attached" in out
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["val/images"] == 200 and metrics["val/captions"] == 400
+    assert metrics["train/steps"] == 4 and metrics["train/samples"] == 4 * 64 * 2
+    logged = (run_dir / "csv" / "metrics.csv").read_text().splitlines()
+    header = logged[0].split(",")
+    ratios = {row.split(",")[header.index("comm/ratio")] for row in logged[1:]} - {""}
+    assert ratios and all(float(r) == pytest.approx(0.5) for r in ratios)

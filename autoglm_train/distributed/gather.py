@@ -31,16 +31,26 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 @torch.no_grad()
 def gather_variable(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate tensors whose first dimension differs across ranks (evaluation shards); no gradient."""
+    """Concatenate tensors whose first dimension differs across ranks (evaluation shards); no gradient.
+
+    A rank may hold nothing (fewer shards than ranks) and then cannot know the others' trailing shape or
+    dtype: its ``x`` may be any empty tensor, and takes them from a rank that has rows.
+    """
     _, world = rank_and_world()
     if world == 1:
         return x
-    size = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    longest = int(max(s.item() for s in sizes))
-    padded = x.new_zeros((longest, *x.shape[1:]))
+    shapes: list = [None] * world
+    dist.all_gather_object(shapes, (tuple(x.shape), x.dtype))
+    holders = [(shape, dtype) for shape, dtype in shapes if shape[0] > 0]
+    if not holders:
+        return x
+    trailing, dtype = holders[0][0][1:], holders[0][1]
+    if x.shape[0] == 0:
+        x = torch.empty((0, *trailing), dtype=dtype, device=x.device)
+    sizes = [shape[0] for shape, _ in shapes]
+    longest = max(sizes)
+    padded = x.new_zeros((longest, *trailing))
     padded[: x.shape[0]] = x
     chunks = [torch.zeros_like(padded) for _ in range(world)]
     dist.all_gather(chunks, padded)
-    return torch.cat([c[: int(s.item())] for c, s in zip(chunks, sizes, strict=True)], dim=0)
+    return torch.cat([c[:size] for c, size in zip(chunks, sizes, strict=True)], dim=0)
