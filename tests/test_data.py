@@ -1,5 +1,6 @@
 import io
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,7 +8,13 @@ import webdataset as wds
 from PIL import Image
 
 from autoglm_train.data.shapes import generate, write_shapes_shards
-from autoglm_train.data.shards import NoUsableSamplesError, build_pipeline, first_usable_sample, iter_captions
+from autoglm_train.data.shards import (
+    NoUsableSamplesError,
+    build_pipeline,
+    expand_shards,
+    first_usable_sample,
+    iter_captions,
+)
 from autoglm_train.data.tokenizer import train_bpe
 from autoglm_train.lit.datamodule import ShardDataModule
 
@@ -76,14 +83,15 @@ def write_bad_shard(path, good: int):
         sink.write({"__key__": "noimage", "json": caption})
 
 
-def test_bad_samples_are_skipped_and_counted(tmp_path, tokenizer):
-    write_bad_shard(tmp_path / "bad.tar", good=5)
+@pytest.mark.parametrize("good", [5, 4])  # 4: the bad samples come after the last (full) batch
+def test_bad_samples_are_skipped_and_counted(tmp_path, tokenizer, good):
+    write_bad_shard(tmp_path / "bad.tar", good=good)
     batches = list(
         build_pipeline(
             str(tmp_path / "bad.tar"), tokenizer=tokenizer, transform=to_tensor, batch_size=2, train=False
         )
     )
-    assert sum(b["image"].shape[0] for b in batches) == 5
+    assert sum(b["image"].shape[0] for b in batches) == good
     skipped = {}
     for b in batches:
         for k, v in b["skipped"].items():
@@ -113,3 +121,30 @@ def test_datamodule_fails_fast_with_hint_when_shards_are_missing(tmp_path):
 def test_caption_iterator_reads_only_captions(shapes_dir):
     captions = list(iter_captions(str(shapes_dir / "shapes" / "val-000000.tar"), limit=10))
     assert len(captions) == 20 and all(isinstance(c, str) for c in captions)
+
+
+def test_globs_expand_sorted_and_sizes_give_the_epoch_length(tmp_path):
+    from autoglm_train.data.shards import epoch_samples_from_sizes
+
+    for i in (2, 0, 1):
+        (tmp_path / f"train-{i:06d}.tar").write_bytes(b"")
+    (tmp_path / "train-000003.tar.tmp").write_bytes(b"")  # an unfinished shard is not part of the set
+    urls = expand_shards(str(tmp_path / "train-*.tar"))
+    assert [Path(u).name for u in urls] == [f"train-{i:06d}.tar" for i in range(3)]
+    assert expand_shards(str(tmp_path / "none-*.tar")) == [str(tmp_path / "none-*.tar")]  # reads as missing
+    assert epoch_samples_from_sizes(urls) is None
+    sizes = {f"train-{i:06d}.tar": 10 + i for i in range(3)}
+    (tmp_path / "sizes.json").write_text(json.dumps(sizes))
+    assert epoch_samples_from_sizes(urls) == 33
+
+
+def test_resampled_stream_needs_and_takes_an_epoch_length(tmp_path, shapes_dir, tokenizer):
+    shards = str(shapes_dir / "shapes" / "train-{000000..000002}.tar")
+    dm = ShardDataModule(shards, shards, batch_size=50, num_workers=0, image_size=32, resampled=True)
+    dm.attach(tokenizer, {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear"})
+    with pytest.raises(ValueError, match="data.epoch_samples"):
+        dm.train_dataloader()
+    dm.epoch_samples = 500
+    assert dm.resampled_epoch_batches(workers=1) == 10
+    batches = list(dm._loader(train=True))
+    assert len(batches) == 10 and all(b["image"].shape[0] == 50 for b in batches)

@@ -9,6 +9,7 @@ worker processes whose counters the training process cannot see.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
@@ -33,18 +34,43 @@ class NoUsableSamplesError(RuntimeError):
     pass
 
 
+def is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
 def expand_shards(shards: str | Sequence[str]) -> list[str]:
-    """Brace patterns (``train-{000000..000011}.tar``) and lists of them, expanded to a flat list."""
+    """Brace patterns (``train-{000000..000011}.tar``), local globs (``train-*.tar``, sorted) and lists of
+    them, expanded to a flat list. A glob that matches nothing stays as it is, so it reads as missing."""
     if isinstance(shards, str):
         shards = [shards]
     urls: list[str] = []
     for s in shards:
-        urls.extend(wds.shardlists.expand_urls(str(s)))
+        for url in wds.shardlists.expand_urls(str(s)):
+            matches = sorted(glob.glob(url)) if is_local(url) and any(c in url for c in "*?") else []
+            urls.extend(matches or [url])
     return urls
 
 
+def epoch_samples_from_sizes(urls: Sequence[str]) -> int | None:
+    """Samples in the shards according to the ``sizes.json`` beside them (``{"train-000000.tar": n}``, as
+    the COCO converter and webdataset tools write it); None if any shard is not listed."""
+    total, tables = 0, {}
+    for url in urls:
+        if not is_local(url):
+            return None
+        folder = Path(url).parent
+        if folder not in tables:
+            sizes = folder / "sizes.json"
+            tables[folder] = json.loads(sizes.read_text()) if sizes.is_file() else {}
+        count = tables[folder].get(Path(url).name)
+        if count is None:
+            return None
+        total += int(count)
+    return total
+
+
 def missing_local_shards(urls: Sequence[str]) -> list[str]:
-    return [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).exists()]
+    return [u for u in urls if is_local(u) and not Path(u).exists()]
 
 
 def sample_id_to_int(sample_id: str) -> int:
@@ -195,6 +221,19 @@ class _Stages:
             "skipped": self.skips.take(),
         }
 
+    def carry_trailing_skips(self, src: Iterator[dict]) -> Iterator[dict]:
+        # samples skipped after the last batch was made would ride with no batch: hold each batch back
+        # until the next exists, and give the last one what was skipped after it
+        held = None
+        for batch in src:
+            if held is not None:
+                yield held
+            held = batch
+        if held is not None:
+            for reason, count in self.skips.take().items():
+                held["skipped"][reason] = held["skipped"].get(reason, 0) + count
+            yield held
+
     def collate_eval(self, samples: list[dict]) -> dict:
         ids = [sample_id_to_int(s["id"]) for s in samples]
         captions = [c for s in samples for c in s["captions"]]
@@ -249,6 +288,7 @@ def build_pipeline(
         wds.batched(
             batch_size, collation_fn=stages.collate_train if train else stages.collate_eval, partial=not train
         ),
+        stages.carry_trailing_skips,
     ]
     return ShardPipeline(stages, *steps)
 

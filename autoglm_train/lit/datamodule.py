@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import random
 import signal
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from autoglm_train.data.shards import (
     build_pipeline,
+    epoch_samples_from_sizes,
     expand_shards,
     first_usable_sample,
     missing_local_shards,
@@ -56,6 +58,7 @@ class ShardDataModule(L.LightningDataModule):
         caption_key: str = "captions",
         shuffle_buffer: int = 2000,
         resampled: bool = False,
+        epoch_samples: int | None = None,
         augment: dict | None = None,
         crop_pct: float | None = None,
         prepare: Callable[[], object] | None = None,
@@ -69,6 +72,7 @@ class ShardDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.image_size = num_workers, image_size
         self.caption_key, self.shuffle_buffer, self.resampled = caption_key, shuffle_buffer, resampled
+        self.epoch_samples = epoch_samples
         self.augment, self.crop_pct = augment, crop_pct
         self.prepare, self.missing_hint = prepare, missing_hint
         self.seed = seed
@@ -76,8 +80,13 @@ class ShardDataModule(L.LightningDataModule):
         self.train_transform = self.eval_transform = None
         self.stream_epoch = 0  # the training stream's current epoch (saved in checkpoints)
         self._resume: dict | None = None
+        self._prepared = False
 
     def prepare_data(self) -> None:
+        # once per run: Lightning calls it again before trainer.validate, and a shard that vanished since
+        # is by then a counted skip, not a reason to stop
+        if self._prepared:
+            return
         if self.prepare is not None:
             made = self.prepare()
             self.train_shards = self.train_shards or made["train"]
@@ -91,6 +100,7 @@ class ShardDataModule(L.LightningDataModule):
                     f"(first: {missing[:2] or shards}). {self.missing_hint}".strip()
                 )
             first_usable_sample(urls, self.caption_key)  # no usable sample at all is an error naming them
+        self._prepared = True
 
     def attach(self, tokenizer, model_data_config: dict) -> None:
         self.tokenizer = tokenizer
@@ -125,6 +135,8 @@ class ShardDataModule(L.LightningDataModule):
             seed=self.seed,
         )
         workers = self.num_workers if train else min(self.num_workers, len(expand_shards(self.val_shards)))
+        if train and self.resampled:
+            pipeline = pipeline.with_epoch(self.resampled_epoch_batches(max(workers, 1)))
         # workers are not persistent: each epoch starts them with seeds from (seed, epoch), which is what
         # lets a resumed run replay the same stream (see ReplayableStream)
         return DataLoader(
@@ -134,6 +146,18 @@ class ShardDataModule(L.LightningDataModule):
             prefetch_factor=4 if workers else None,
             worker_init_fn=ignore_requeue_signal if workers else None,
         )
+
+    def resampled_epoch_batches(self, workers: int) -> int:
+        """Batches each loader worker yields per epoch of a resampled (endless) stream: the epoch is the
+        shard set's size (``data.epoch_samples``, else ``sizes.json`` beside the shards) over all ranks."""
+        samples = self.epoch_samples or epoch_samples_from_sizes(expand_shards(self.train_shards))
+        if not samples:
+            raise ValueError(
+                "data.resampled=true draws shards with replacement and needs an epoch length: give "
+                "data.epoch_samples=N or put a sizes.json ({shard name: samples}) beside the shards"
+            )
+        world = self.trainer.world_size if self.trainer is not None else 1
+        return max(1, math.ceil(samples / (self.batch_size * world * workers)))
 
     def train_dataloader(self):
         return ReplayableStream(self, self._loader(train=True), self.seed)
