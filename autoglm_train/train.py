@@ -126,6 +126,50 @@ def final_metrics(
     return metrics
 
 
+@torch.no_grad()
+def zeroshot_metrics(cfg: DictConfig, model, tokenizer, transform, device) -> dict[str, float]:
+    """``eval.zeroshot``: shapes' shape and colour, or an image folder / labelled shards with class names
+    and prompt templates. Keys ``zeroshot/*``."""
+    from autoglm_train.eval import zeroshot
+
+    was_training = model.training
+    model.eval()
+    try:
+        if cfg.task == "shapes":
+            return zeroshot.evaluate_shapes_zeroshot(
+                model.encode_image,
+                model.encode_text,
+                tokenizer,
+                transform,
+                batch_size=cfg.batch_size,
+                device=device,
+            )
+        if cfg.task == "folder":
+            if not cfg.root:
+                raise ValueError("eval.zeroshot.task=folder needs eval.zeroshot.root (root/<class>/*.jpg)")
+            folders = list(cfg.classnames or zeroshot.image_folder_classes(cfg.root))
+            classnames = zeroshot.prompt_names(folders)
+            batches = zeroshot.image_folder_batches(cfg.root, transform, cfg.batch_size, folders)
+        elif cfg.task == "shards":
+            if not (cfg.shards and cfg.classnames):
+                raise ValueError("eval.zeroshot.task=shards needs eval.zeroshot.shards and .classnames")
+            classnames = list(cfg.classnames)
+            batches = zeroshot.labelled_shard_batches(
+                cfg.shards, transform, cfg.batch_size, classnames, cfg.label_key
+            )
+        else:
+            raise ValueError(f"eval.zeroshot.task must be null, shapes, folder or shards, not {cfg.task!r}")
+        classifier = zeroshot.build_classifier(
+            model.encode_text, tokenizer, classnames, list(cfg.templates), device=device
+        )
+        found = zeroshot.zeroshot_accuracy(model.encode_image, classifier, batches)
+        return {f"zeroshot/top{k}": float(found[f"top{k}"]) for k in (1, 5)} | {
+            "zeroshot/mean_per_class": float(found["mean_per_class"])
+        }
+    finally:
+        model.train(was_training)
+
+
 def print_results(metrics: dict[str, float], output_dir: Path) -> None:
     table = Table(title=f"Results ({output_dir})")
     table.add_column("metric")
@@ -207,6 +251,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     # the final state, whatever the checkpoint callbacks' schedule (Lightning writes it on rank 0)
     trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt", weights_only=False)
     metrics = final_metrics(module, trainer, datamodule, timer)
+    if cfg.eval.zeroshot.task:
+        transform = datamodule.eval_transform
+        metrics |= zeroshot_metrics(cfg.eval.zeroshot, model, tokenizer, transform, module.device)
     # the whole run: data generation, tokenizer and evaluations included
     metrics["time/run_s"] = time.perf_counter() - run_start
 

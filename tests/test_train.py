@@ -36,6 +36,9 @@ def test_short_training_lifts_recall_far_above_chance(tiny_cfg, tmp_path):
     # 200 held-out images, 2 captions each: chance R@1 is 1/200 both ways
     assert metrics["val/r1_mean"] > 0.2, metrics  # about 0.45 measured; chance is 0.005
     assert metrics["val/i2t_r10"] > metrics["val/i2t_r1"]
+    # shapes_align also classifies single-shape renders zero-shot (figures of the full run: docs/results.md)
+    zeroshot = {"zeroshot/shape_top1", "zeroshot/colour_top1", "zeroshot/colour_top5"}
+    assert zeroshot <= set(metrics) and all(0 <= metrics[k] <= 1 for k in zeroshot)
     saved = json.loads((run / "metrics.json").read_text())
     assert METRIC_KEYS <= set(saved) and all(isinstance(v, (int, float)) for v in saved.values())
     assert saved["train/steps"] == 150 and saved["train/samples"] == 150 * 64
