@@ -297,3 +297,38 @@ def test_evaluate_shapes_zeroshot_with_a_perfect_colour_reader(tokenizer):
 
     out = evaluate_shapes_zeroshot(encode_image, encode_text, tokenizer, to_tensor, n=16, image_size=48)
     assert out["zeroshot/colour_top1"] == 1.0
+
+
+def test_training_entry_runs_the_configured_folder_task(tmp_path, tokenizer):
+    from omegaconf import OmegaConf
+
+    from autoglm_train.train import zeroshot_metrics
+
+    for name, colour in (("red_square", (220, 30, 30)), ("blue_square", (30, 30, 220))):
+        (tmp_path / name).mkdir()
+        for k in range(3):
+            (tmp_path / name / f"{k}.png").write_bytes(png_bytes(colour))
+    model = DualEncoder(
+        ImageTower("resnet18"),
+        TextTower(tokenizer.vocab_size, width=32, depth=1, heads=2, context_length=CONTEXT),
+        embed_dim=16,
+    ).train()
+    cfg = OmegaConf.create(
+        {
+            "task": "folder",
+            "root": str(tmp_path),
+            "shards": None,
+            "label_key": "label",
+            "classnames": None,
+            "templates": ["a {}", "the {}"],
+            "batch_size": 4,
+        }
+    )
+    out = zeroshot_metrics(cfg, model, tokenizer, to_tensor, "cpu")
+    assert set(out) == {"zeroshot/top1", "zeroshot/top5", "zeroshot/mean_per_class"}
+    assert out["zeroshot/top5"] == 1.0 and 0 <= out["zeroshot/top1"] <= 1
+    assert model.training  # restored after evaluating in eval mode
+    with pytest.raises(ValueError, match="needs eval.zeroshot.root"):
+        zeroshot_metrics(OmegaConf.merge(cfg, {"root": None}), model, tokenizer, to_tensor, "cpu")
+    with pytest.raises(ValueError, match="must be null, shapes, folder or shards"):
+        zeroshot_metrics(OmegaConf.merge(cfg, {"task": "imagenet"}), model, tokenizer, to_tensor, "cpu")
