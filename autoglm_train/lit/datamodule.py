@@ -113,6 +113,8 @@ class ShardDataModule(L.LightningDataModule):
         }
         crop_pct = self.crop_pct if self.crop_pct is not None else cfg["crop_pct"]
         self.eval_transform = timm.data.create_transform(**common, is_training=False, crop_pct=crop_pct)
+        # what an exported model needs to preprocess images the same way, without this class
+        self.eval_transform_args = {**common, "input_size": list(common["input_size"]), "crop_pct": crop_pct}
         if self.augment:
             self.train_transform = timm.data.create_transform(**common, is_training=True, **self.augment)
         else:

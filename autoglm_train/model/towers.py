@@ -47,6 +47,9 @@ class TextTower(nn.Module):
         if pool not in ("cls", "mean"):
             raise ValueError(f"text_tower.pool must be 'cls' or 'mean', got {pool!r}")
         self.width, self.context_length, self.pool = width, context_length, pool
+        # drop all-padding columns before the encoder (same output, less compute); off for tracing, which
+        # would freeze the data-dependent length into the exported graph
+        self.trim_padding = True
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
         layer = nn.TransformerEncoderLayer(
@@ -67,8 +70,9 @@ class TextTower(nn.Module):
         if tokens.shape[1] > self.context_length:
             raise ValueError(f"got {tokens.shape[1]} tokens, context_length is {self.context_length}")
         # drop the columns that are padding in every row: masked anyway, and they cost most of the compute
-        longest = int((tokens != 0).sum(1).max().clamp(min=1))
-        tokens = tokens[:, :longest]
+        if self.trim_padding:
+            longest = int((tokens != 0).sum(1).max().clamp(min=1))
+            tokens = tokens[:, :longest]
         padding = tokens == 0
         x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
         x = self.final_norm(self.encoder(x, src_key_padding_mask=padding))

@@ -1,0 +1,1 @@
+"""Compression of trained dual encoders: structured pruning, distillation, INT8 quantization, export."""

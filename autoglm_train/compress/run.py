@@ -1,0 +1,212 @@
+"""The compression job: load a trained dual encoder, prune it (iteratively, each step followed by a
+distilled fine-tune), quantize it to int8, export every variant, and report them side by side."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+from rich.console import Console
+
+from autoglm_train.compress import prune as pruning
+from autoglm_train.compress.export import export_model
+from autoglm_train.compress.load import load_trained
+from autoglm_train.compress.quantize import quantize_model
+from autoglm_train.compress.recover import evaluate, finetune, frozen_copy
+from autoglm_train.compress.report import (
+    count_flops,
+    count_params,
+    file_size,
+    markdown_table,
+    measure_latency,
+    sweep_plot,
+)
+from autoglm_train.losses.infonce import infonce_loss
+
+log = logging.getLogger(__name__)
+console = Console()
+
+
+def build_data(trained, cfg: DictConfig):
+    data_cfg = copy.deepcopy(trained.cfg.data)
+    with open_dict(data_cfg):
+        data_cfg.batch_size = cfg.finetune.batch_size
+        data_cfg.num_workers = cfg.data.num_workers
+    datamodule = instantiate(data_cfg)
+    datamodule.prepare_data()
+    datamodule.attach(trained.tokenizer, trained.model.image_tower.pretrained_cfg)
+    return datamodule
+
+
+def step_ratios(ratio: float, iterations: int) -> list[float]:
+    """Per-step ratios of what remains, so that ``iterations`` steps remove ``ratio`` of the original."""
+    keep = (1.0 - ratio) ** (1.0 / iterations)
+    return [1.0 - keep] * iterations
+
+
+def prune_once(model, ratio: float, cfg: DictConfig, calibration: list[dict]) -> dict:
+    taylor = cfg.prune.importance == "taylor"
+    if taylor:
+
+        def loss_fn(m, batch):
+            image, text = m.encode_image(batch["image"]), m.encode_text(batch["text"])
+            return infonce_loss(image, text, image, text, m.logit_scale())
+
+        pruning.accumulate_grads(model, loss_fn, calibration)
+    report = pruning.prune_model(
+        model,
+        ratio,
+        importance=cfg.prune.importance,
+        scope=cfg.prune.scope,
+        targets=tuple(cfg.prune.targets),
+        grads_available=taylor,
+    )
+    model.zero_grad(set_to_none=True)
+    return report
+
+
+def prune_and_recover(original, cfg: DictConfig, datamodule, calibration: list[dict]):
+    """(one-shot pruned without recovery, iteratively pruned + fine-tuned)."""
+    one_shot = copy.deepcopy(original)
+    pruning.convert_text_tower(one_shot.text_tower)
+    prune_once(one_shot, cfg.prune.ratio, cfg, calibration)
+
+    student = copy.deepcopy(original)
+    pruning.convert_text_tower(student.text_tower)
+    teacher = frozen_copy(original) if cfg.finetune.distill else None
+    steps = step_ratios(cfg.prune.ratio, cfg.prune.iterations)
+    per_step = cfg.finetune.steps // len(steps)
+    for i, ratio in enumerate(steps):
+        prune_once(student, ratio, cfg, calibration)
+        finetune(
+            student,
+            datamodule._loader(train=True),
+            per_step,
+            lr=cfg.finetune.lr,
+            teacher=teacher,
+            kl_weight=cfg.finetune.kl_weight,
+            mse_weight=cfg.finetune.mse_weight,
+            progress=cfg.progress_bar,
+            desc=f"prune step {i + 1}/{len(steps)}: fine-tune",
+        )
+    return one_shot.eval(), student.eval()
+
+
+def describe(name, model, source, val_batches, export_dir, example, tokenizer, preprocess) -> dict:
+    metrics = evaluate(model, val_batches)
+    export_model(model, tokenizer, export_dir, preprocess, example["images"])
+    is_float = model is source
+    return {
+        "variant": name,
+        "params": count_params(source),
+        "file_bytes": file_size(export_dir),
+        "flops": count_flops(model, example["images"], example["tokens"]) if is_float else None,
+        **metrics,
+    }
+
+
+def run(cfg: DictConfig) -> dict:
+    L.seed_everything(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    console.print(f"[bold]Run directory:[/bold] {out}")
+    trained = load_trained(cfg.ckpt)
+    datamodule = build_data(trained, cfg)
+    val_batches = list(datamodule.val_dataloader())
+    train_stream = iter(datamodule._loader(train=True))
+    calibration = [next(train_stream) for _ in range(max(cfg.prune.calibration_batches, 1))]
+    quant_images = [next(train_stream)["image"] for _ in range(max(cfg.quantize.calibration_batches, 1))]
+    n = cfg.report.latency_batch
+    example = {
+        "images": val_batches[0]["image"][:n].repeat(-(-n // len(val_batches[0]["image"])), 1, 1, 1)[:n],
+        "tokens": val_batches[0]["text"][:n],
+    }
+    preprocess = datamodule.eval_transform_args
+    original = trained.model.eval()
+
+    float_variants = {"original": original}
+    if cfg.prune.enabled:
+        one_shot, recovered = prune_and_recover(original, cfg, datamodule, calibration)
+        float_variants["pruned"] = one_shot
+        float_variants["pruned + distilled" if cfg.finetune.distill else "pruned + fine-tuned"] = recovered
+    variants = {name: (m, m) for name, m in float_variants.items()}
+    if cfg.quantize.enabled:
+        variants["int8"] = (quantize_model(original, quant_images), original)
+        if cfg.prune.enabled:
+            last = list(float_variants)[-1]
+            variants[f"{last} + int8"] = (
+                quantize_model(float_variants[last], quant_images),
+                float_variants[last],
+            )
+
+    rows = []
+    for name, (model, source) in variants.items():
+        export_dir = out / "exports" / name.replace(" + ", "_").replace(" ", "_")
+        rows.append(
+            describe(name, model, source, val_batches, export_dir, example, trained.tokenizer, preprocess)
+        )
+        console.print(f"{name}: val/r1_mean {rows[-1]['val/r1_mean']:.4f}")
+    latency = measure_latency(
+        {name: model for name, (model, _) in variants.items()},
+        example["images"],
+        example["tokens"],
+        cfg.report.repeats,
+    )
+    for row in rows:
+        row["latency_s"] = latency[row["variant"]]
+
+    sweep = []
+    for ratio in cfg.report.sweep_ratios:
+        sweep.append(sweep_point(original, ratio, cfg, datamodule, calibration, val_batches, example))
+    report = {
+        "ckpt": str(cfg.ckpt),
+        "threads": torch.get_num_threads(),
+        "latency_batch": n,
+        "rows": rows,
+        "sweep": sweep,
+    }
+    table = markdown_table(rows)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    text = f"# Compression report\n\nCheckpoint: `{cfg.ckpt}`\n\n{table}\n"
+    if sweep:
+        sweep_plot(sweep, out / "pruning_sweep.png")
+        text += "\n![pruning sweep](pruning_sweep.png)\n"
+    (out / "report.md").write_text(text)
+    console.print(table)
+    console.print(f"[bold]Run directory:[/bold] {out}")
+    return report
+
+
+def sweep_point(original, ratio, cfg, datamodule, calibration, val_batches, example) -> dict:
+    model = copy.deepcopy(original)
+    pruning.convert_text_tower(model.text_tower)
+    prune_once(model, ratio, cfg, calibration)
+    teacher = frozen_copy(original) if cfg.finetune.distill else None
+    finetune(
+        model,
+        datamodule._loader(train=True),
+        cfg.report.sweep_finetune_steps,
+        lr=cfg.finetune.lr,
+        teacher=teacher,
+        progress=cfg.progress_bar,
+        desc=f"sweep ratio {ratio}",
+    )
+    latency = measure_latency({"original": original, "pruned": model}, **_inputs(example), repeats=5)
+    return {
+        "ratio": float(ratio),
+        "params": count_params(model),
+        **evaluate(model, val_batches),
+        "speedup": latency["original"] / latency["pruned"],
+    }
+
+
+def _inputs(example: dict) -> dict:
+    return {"images": example["images"], "tokens": example["tokens"]}

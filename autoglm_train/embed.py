@@ -1,0 +1,126 @@
+"""Embed a shard set with an exported model, and answer text -> image queries from the embeddings.
+
+    python -m autoglm_train.embed --model EXPORT_DIR --shards 'data/shapes/val-{000000..000000}.tar' \\
+        --out embeddings.pt
+    python -m autoglm_train.embed --model EXPORT_DIR --index embeddings.pt --query "a red circle" --k 5
+
+The model is what ``python -m autoglm_train.compress`` exported (TorchScript encoders + tokenizer), so
+this works for the original and every compressed variant alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import timm.data
+import torch
+import webdataset as wds
+from tqdm import tqdm
+
+from autoglm_train.compress.export import load_exported
+from autoglm_train.data.shards import SkipCounter, decode, expand_shards, missing_local_shards
+
+
+def image_batches(
+    shards, transform, batch_size: int, skips: SkipCounter
+) -> Iterator[tuple[list, list, list]]:
+    """(ids, first captions, image tensors) per batch, in shard order; unusable samples skipped, counted."""
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(expand_shards(shards)), wds.tarfile_to_samples(handler=skips.tar_error)
+    )
+    ids, captions, images = [], [], []
+    for sample in pipeline:
+        out = decode(sample, "captions", skips)
+        if out is None:
+            continue
+        ids.append(out["id"])
+        captions.append(out["captions"][0])
+        images.append(transform(out["image"]))
+        if len(images) == batch_size:
+            yield ids, captions, images
+            ids, captions, images = [], [], []
+    if images:
+        yield ids, captions, images
+
+
+@torch.no_grad()
+def embed_shards(model_dir: str | Path, shards, batch_size: int = 128, progress: bool = True) -> dict:
+    exported = load_exported(model_dir)
+    transform = timm.data.create_transform(**exported["meta"]["preprocess"], is_training=False)
+    urls = expand_shards(shards)
+    missing = missing_local_shards(urls)
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards do not exist, e.g. {missing[:3]}")
+    skips = SkipCounter()
+    all_ids, all_captions, parts = [], [], []
+    bar = tqdm(desc="embedding images", unit="img", disable=not progress)
+    for ids, captions, images in image_batches(urls, transform, batch_size, skips):
+        parts.append(exported["image"](torch.stack(images)).float())
+        all_ids += ids
+        all_captions += captions
+        bar.update(len(ids))
+    bar.close()
+    if not parts:
+        raise ValueError(f"no usable image in {len(urls)} shard(s); skipped {dict(skips.counts)}")
+    return {
+        "ids": all_ids,
+        "captions": all_captions,
+        "image": torch.cat(parts),
+        "shards": urls,
+        "model": str(model_dir),
+        "skipped": dict(skips.counts),
+    }
+
+
+@torch.no_grad()
+def query(model_dir: str | Path, index: dict, text: str, k: int = 5) -> list[tuple[float, str, str]]:
+    """Top-k images for ``text``: (cosine score, sample id, its first caption), best first."""
+    exported = load_exported(model_dir)
+    tokens = torch.tensor([exported["tokenizer"].encode(text).ids], dtype=torch.long)
+    q = exported["text"](tokens).float()[0]
+    scores = index["image"] @ q
+    top = scores.topk(min(k, scores.numel()))
+    hits = zip(top.values.tolist(), top.indices.tolist(), strict=True)
+    return [(score, index["ids"][i], index["captions"][i]) for score, i in hits]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", required=True, help="an export directory (python -m autoglm_train.compress)"
+    )
+    parser.add_argument("--shards", help="shards to embed (brace pattern or glob)")
+    parser.add_argument("--out", help="where to write the embeddings (.pt)")
+    parser.add_argument("--index", help="embeddings written by --out, to query")
+    parser.add_argument("--query", action="append", help="text to search for (repeatable)")
+    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if not (args.shards and args.out) and not (args.index and args.query):
+        parser.error("give --shards and --out to embed, or --index and --query to search (or all four)")
+    try:
+        index = None
+        if args.shards:
+            index = embed_shards(args.model, args.shards, args.batch_size, progress=not args.no_progress)
+            torch.save(index, args.out)
+            print(
+                f"{len(index['ids'])} image embeddings -> {args.out} (skipped: {index['skipped'] or 'none'})"
+            )
+        if args.query:
+            index = index or torch.load(args.index, weights_only=False)
+            for text in args.query:
+                print(f"\n{text!r}:")
+                for rank, (score, sample_id, caption) in enumerate(query(args.model, index, text, args.k), 1):
+                    print(f"  {rank}. {score:.3f}  {sample_id}  {caption}")
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
