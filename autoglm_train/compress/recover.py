@@ -76,7 +76,7 @@ def finetune(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
-        losses.append(float(terms["loss"]))
+        losses.append(float(terms["loss"].detach()))
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
