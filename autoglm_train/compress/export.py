@@ -12,27 +12,21 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 FORMAT_VERSION = 1
 
 
-class _ImageEncoder(nn.Module):
-    def __init__(self, model):
+class _Encoder(nn.Module):
+    """One tower and its projection: each exported file holds only its own weights."""
+
+    def __init__(self, tower: nn.Module, proj: nn.Module):
         super().__init__()
-        self.model = model
+        self.tower, self.proj = tower, proj
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(images)
-
-
-class _TextEncoder(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_text(tokens)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.proj(self.tower(x)), dim=-1)  # as DualEncoder.encode_image/text
 
 
 @torch.no_grad()
@@ -45,8 +39,9 @@ def export_model(
     model = copy.deepcopy(model).eval()
     model.text_tower.trim_padding = False
     tokens = tokenizer(["a small red circle at the top left", "x"])
-    image = torch.jit.trace(_ImageEncoder(model), example_images[:2], check_trace=False)
-    text = torch.jit.trace(_TextEncoder(model), tokens, check_trace=False)
+    image_encoder = _Encoder(model.image_tower, model.image_proj)
+    image = torch.jit.trace(image_encoder, example_images[:2], check_trace=False)
+    text = torch.jit.trace(_Encoder(model.text_tower, model.text_proj), tokens, check_trace=False)
     torch.jit.save(image, str(out / "image_encoder.pt"))
     torch.jit.save(text, str(out / "text_encoder.pt"))
     tokenizer.save(out / "tokenizer.json")
