@@ -37,12 +37,15 @@ def write_shard(path: Path, first: int, good: int, bad: dict | None = None) -> N
 
 
 class VanishingShard(L.Callback):
-    """Deletes a shard once training has started: it was there for the start-up checks, then is gone."""
+    """Deletes a shard after the start-up checks and before the stream opens it.
+
+    Not later: Lightning starts iterating before ``on_train_start``, and the stream reads a chunk of
+    samples ahead, so by then every shard of this small set is already open (and readable after unlink)."""
 
     def __init__(self, path: str):
         self.path = Path(path)
 
-    def on_train_start(self, trainer, pl_module):
+    def on_fit_start(self, trainer, pl_module):
         self.path.unlink()
 
 
