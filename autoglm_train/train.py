@@ -110,6 +110,7 @@ def final_metrics(
     if module.last_val is None or module.last_val[0] != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     metrics = dict(module.last_val[1])
+    skipped = module.skipped_totals()
     per_step = datamodule.batch_size * trainer.accumulate_grad_batches * trainer.world_size
     samples = trainer.global_step * per_step
     metrics.update(
@@ -118,10 +119,10 @@ def final_metrics(
             "train/samples": float(samples),
             "time/train_s": timer.fit_s,
             "time/samples_per_s": samples / timer.train_s if trainer.global_step else 0.0,
-            "data/skipped": float(sum(module.skipped.values())),
+            "data/skipped": float(sum(skipped.values())),
         }
     )
-    for reason, count in module.skipped.items():
+    for reason, count in skipped.items():
         metrics[f"data/skipped_{reason}"] = float(count)
     return metrics
 

@@ -175,22 +175,26 @@ def test_powersgd_is_attached_and_sends_a_low_rank_projection(tmp_path, uncompre
 def gather_worker(rank: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from autoglm_train.distributed.gather import gather_variable
+    from autoglm_train.distributed.gather import gather_variable, sum_counts
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     # rank 1 evaluated no shard: it holds an empty tensor of unknown width and dtype
     embeddings = torch.arange(6.0).reshape(3, 2) if rank == 0 else torch.empty(0)
     ids = torch.tensor([5, 6, 7]) if rank == 0 else torch.empty(0)
-    torch.save([gather_variable(embeddings), gather_variable(ids)], Path(out_dir) / f"gather{rank}.pt")
+    # each rank skipped its own bad samples, of partly different kinds
+    skipped = {"bad_image": 1, "tar_error": 2} if rank == 0 else {"bad_image": 3, "bad_caption": 1}
+    gathered = [gather_variable(embeddings), gather_variable(ids), sum_counts(skipped)]
+    torch.save(gathered, Path(out_dir) / f"gather{rank}.pt")
     dist.destroy_process_group()
 
 
-def test_gathering_evaluation_outputs_when_a_rank_has_no_shard(tmp_path):
+def test_gathering_evaluation_outputs_when_a_rank_has_no_shard_and_summing_skip_counts(tmp_path):
     mp.spawn(gather_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     for rank in range(WORLD):
-        embeddings, ids = torch.load(tmp_path / f"gather{rank}.pt")
+        embeddings, ids, skipped = torch.load(tmp_path / f"gather{rank}.pt")
         assert torch.equal(embeddings, torch.arange(6.0).reshape(3, 2))
         assert torch.equal(ids, torch.tensor([5, 6, 7]))
+        assert skipped == {"bad_image": 4, "tar_error": 2, "bad_caption": 1}
 
 
 def test_command_line_ddp_cpu_run_with_compression(shapes_dir, tmp_path):

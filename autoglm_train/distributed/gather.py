@@ -1,4 +1,5 @@
-"""all_gather across ranks: with gradient for the loss, padded for variable-size evaluation shards.
+"""all_gather across ranks: with gradient for the loss, padded for variable-size evaluation shards, and
+summed counters.
 
 Identity (offset 0) when torch.distributed is not initialized, so single-process runs use the same code.
 """
@@ -54,3 +55,17 @@ def gather_variable(x: torch.Tensor) -> torch.Tensor:
     chunks = [torch.zeros_like(padded) for _ in range(world)]
     dist.all_gather(chunks, padded)
     return torch.cat([c[:size] for c, size in zip(chunks, sizes, strict=True)], dim=0)
+
+
+def sum_counts(counts: dict[str, int]) -> dict[str, int]:
+    """Adds up per-rank counters (each rank may hold other keys); every rank gets the totals."""
+    _, world = rank_and_world()
+    if world == 1:
+        return dict(counts)
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, dict(counts))
+    totals: dict[str, int] = {}
+    for part in gathered:
+        for key, value in part.items():
+            totals[key] = totals.get(key, 0) + value
+    return totals

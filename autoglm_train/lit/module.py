@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from autoglm_train.distributed.gather import gather_variable, gather_with_grad
+from autoglm_train.distributed.gather import gather_variable, gather_with_grad, rank_and_world, sum_counts
 from autoglm_train.eval.retrieval import retrieval_metrics
 from autoglm_train.lit.grad_cache import grad_cache_step
 
@@ -134,6 +134,10 @@ class DualEncoderModule(L.LightningModule):
         # once per optimizer step, not per micro-batch: Lightning calls this only when it steps
         self._update_momentum()
 
+    def skipped_totals(self) -> dict[str, int]:
+        """Samples skipped as unusable, by reason, summed over ranks (a collective: call on every rank)."""
+        return sum_counts(self.skipped)
+
     def _count_skipped(self, skipped: dict | None) -> None:
         if skipped:
             self.skipped.update(skipped)
@@ -191,7 +195,8 @@ class DualEncoderModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # a checkpoint must be usable alone: keep the tokenizer (vocabulary sizes the text tower) inside it
         checkpoint["tokenizer_json"] = self.tokenizer_json
-        checkpoint["data_skipped"] = dict(self.skipped)
+        # all ranks' skips (only rank 0's checkpoint is written); every rank passes here, so the sum is safe
+        checkpoint["data_skipped"] = self.skipped_totals()
         checkpoint["queues"] = self.objective.queue_state()
         # exact resume: where the training stream stands in its epoch, and the random states now
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -202,7 +207,9 @@ class DualEncoderModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.skipped = Counter(checkpoint.get("data_skipped", {}))
+        # the saved counts are all ranks' totals: one rank carries them on, or the next sum would repeat them
+        rank, _ = rank_and_world()
+        self.skipped = Counter(checkpoint.get("data_skipped", {}) if rank == 0 else {})
         self.objective.load_queue_state(checkpoint.get("queues", {}))
         stream = checkpoint.get("train_stream")
         datamodule = getattr(self.trainer, "datamodule", None)
