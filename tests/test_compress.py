@@ -1,6 +1,7 @@
 """INT8 quantization close to fp32, export that loads without our code, the embed tool, and the whole
 compression job on a tiny trained checkpoint."""
 
+import copy
 import json
 import os
 import subprocess
@@ -14,7 +15,9 @@ import torch.nn.functional as F
 from conftest import TINY
 
 from autoglm_train.compress.export import export_model
+from autoglm_train.compress.prune import convert_text_tower, estimate_flops
 from autoglm_train.compress.quantize import quantize_model
+from autoglm_train.compress.report import count_flops
 from autoglm_train.data.tokenizer import train_bpe
 from autoglm_train.embed import main as embed_main
 from autoglm_train.model.dual_encoder import DualEncoder
@@ -49,6 +52,18 @@ def model(tokenizer):
 def batch(tokenizer, n=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, 32, 32, generator=g), tokenizer(["a small red circle at the top left"] * n)
+
+
+def test_report_flops_count_both_towers_whatever_kernel_runs_them(model, tokenizer):
+    images, tokens = batch(tokenizer)
+    flops = count_flops(model, images, tokens)
+    # the eval-mode TransformerEncoder runs a fused kernel FlopCounterMode cannot see; the converted
+    # (exactly equal) tower runs plain ops: the count must not depend on which
+    converted = copy.deepcopy(model)
+    convert_text_tower(converted.text_tower)
+    assert count_flops(converted, images, tokens) == flops
+    text = estimate_flops(model.text_tower, tokens)
+    assert text > 0 and flops > estimate_flops(model.image_tower, images) + text
 
 
 def test_int8_embeddings_stay_close_to_fp32(model, tokenizer):

@@ -650,10 +650,13 @@ _EXTRA_FLOP_FORMULAS = (
 )
 
 
-def estimate_flops(model: nn.Module, example_inputs: Tensor | tuple) -> int:
+def estimate_flops(
+    model: nn.Module, example_inputs: Tensor | tuple, forward: Callable[..., object] | None = None
+) -> int:
     """FLOPs of one forward on ``example_inputs`` (a tensor, or a tuple of positional arguments), counted by
     ``FlopCounterMode`` in eval mode without grad (mode restored; BatchNorm statistics untouched). Counts
-    matmuls, convolutions and fused attention (the CPU kernel too); not norms or activations."""
+    matmuls, convolutions and fused attention (the CPU kernel too); not norms or activations. ``forward``
+    (default: ``model`` itself) is what runs on the inputs, e.g. both encoders of a dual encoder."""
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     flags = {m: m.training for m in model.modules()}
     fastpath = torch.backends.mha.get_fastpath_enabled()
@@ -662,7 +665,7 @@ def estimate_flops(model: nn.Module, example_inputs: Tensor | tuple) -> int:
     torch.backends.mha.set_fastpath_enabled(False)
     try:
         with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
-            model(*inputs)
+            (forward or model)(*inputs)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for module, training in flags.items():

@@ -9,22 +9,18 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+
+from autoglm_train.compress.prune import estimate_flops
 
 
-def count_params(model) -> int:
-    """Parameters of a float model (a quantized copy has as many, stored in int8: count its source)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-@torch.no_grad()
 def count_flops(model, images: torch.Tensor, tokens: torch.Tensor) -> int:
     """FLOPs of one batch through both encoders (float models; quantized kernels are not counted)."""
-    counter = FlopCounterMode(display=False)
-    with counter:
+
+    def both_encoders(images, tokens):
         model.encode_image(images)
         model.encode_text(tokens)
-    return int(counter.get_total_flops())
+
+    return estimate_flops(model, (images, tokens), forward=both_encoders)
 
 
 def file_size(export_dir: Path) -> int:
