@@ -19,14 +19,7 @@ from autoglm_train.compress.export import export_model
 from autoglm_train.compress.load import load_trained
 from autoglm_train.compress.quantize import quantize_model
 from autoglm_train.compress.recover import evaluate, finetune, frozen_copy
-from autoglm_train.compress.report import (
-    count_flops,
-    count_params,
-    file_size,
-    markdown_table,
-    measure_latency,
-    sweep_plot,
-)
+from autoglm_train.compress.report import count_flops, file_size, markdown_table, measure_latency, sweep_plot
 from autoglm_train.losses.infonce import infonce_loss
 
 log = logging.getLogger(__name__)
@@ -71,30 +64,36 @@ def prune_once(model, ratio: float, cfg: DictConfig, calibration: list[dict]) ->
     return report
 
 
-def prune_and_recover(original, cfg: DictConfig, datamodule, calibration: list[dict]):
-    """(one-shot pruned without recovery, iteratively pruned + fine-tuned)."""
-    one_shot = copy.deepcopy(original)
-    pruning.convert_text_tower(one_shot.text_tower)
-    prune_once(one_shot, cfg.prune.ratio, cfg, calibration)
+def pruned_copy(original, ratio: float, cfg: DictConfig, calibration: list[dict]):
+    model = copy.deepcopy(original)  # prune_model converts its text tower (exactly) before cutting heads
+    prune_once(model, ratio, cfg, calibration)
+    return model
 
-    student = copy.deepcopy(original)
-    pruning.convert_text_tower(student.text_tower)
-    teacher = frozen_copy(original) if cfg.finetune.distill else None
+
+def recover(student, teacher, steps: int, cfg: DictConfig, datamodule, desc: str) -> None:
+    """Fine-tune ``student`` on the training stream, distilled from ``teacher`` when there is one."""
+    finetune(
+        student,
+        datamodule._loader(train=True),
+        steps,
+        lr=cfg.finetune.lr,
+        teacher=teacher,
+        kl_weight=cfg.finetune.kl_weight,
+        mse_weight=cfg.finetune.mse_weight,
+        progress=cfg.progress_bar,
+        desc=desc,
+    )
+
+
+def prune_and_recover(original, teacher, cfg: DictConfig, datamodule, calibration: list[dict]):
+    """(one-shot pruned without recovery, iteratively pruned + fine-tuned)."""
+    one_shot = pruned_copy(original, cfg.prune.ratio, cfg, calibration)
     steps = step_ratios(cfg.prune.ratio, cfg.prune.iterations)
     per_step = cfg.finetune.steps // len(steps)
+    student = copy.deepcopy(original)
     for i, ratio in enumerate(steps):
         prune_once(student, ratio, cfg, calibration)
-        finetune(
-            student,
-            datamodule._loader(train=True),
-            per_step,
-            lr=cfg.finetune.lr,
-            teacher=teacher,
-            kl_weight=cfg.finetune.kl_weight,
-            mse_weight=cfg.finetune.mse_weight,
-            progress=cfg.progress_bar,
-            desc=f"prune step {i + 1}/{len(steps)}: fine-tune",
-        )
+        recover(student, teacher, per_step, cfg, datamodule, f"prune step {i + 1}/{len(steps)}: fine-tune")
     return one_shot.eval(), student.eval()
 
 
@@ -104,7 +103,7 @@ def describe(name, model, source, val_batches, export_dir, example, tokenizer, p
     is_float = model is source
     return {
         "variant": name,
-        "params": count_params(source),
+        "params": pruning.count_params(source),
         "file_bytes": file_size(export_dir),
         "flops": count_flops(model, example["images"], example["tokens"]) if is_float else None,
         **metrics,
@@ -132,9 +131,11 @@ def run(cfg: DictConfig) -> dict:
     preprocess = datamodule.eval_transform_args
     original = trained.model.eval()
 
+    teacher = frozen_copy(original) if cfg.finetune.distill else None
+
     float_variants = {"original": original}
     if cfg.prune.enabled:
-        one_shot, recovered = prune_and_recover(original, cfg, datamodule, calibration)
+        one_shot, recovered = prune_and_recover(original, teacher, cfg, datamodule, calibration)
         float_variants["pruned"] = one_shot
         float_variants["pruned + distilled" if cfg.finetune.distill else "pruned + fine-tuned"] = recovered
     variants = {name: (m, m) for name, m in float_variants.items()}
@@ -163,9 +164,10 @@ def run(cfg: DictConfig) -> dict:
     for row in rows:
         row["latency_s"] = latency[row["variant"]]
 
-    sweep = []
-    for ratio in cfg.report.sweep_ratios:
-        sweep.append(sweep_point(original, ratio, cfg, datamodule, calibration, val_batches, example))
+    sweep = [
+        sweep_point(original, teacher, ratio, cfg, datamodule, calibration, val_batches, example)
+        for ratio in cfg.report.sweep_ratios
+    ]
     report = {
         "ckpt": str(cfg.ckpt),
         "threads": torch.get_num_threads(),
@@ -185,28 +187,15 @@ def run(cfg: DictConfig) -> dict:
     return report
 
 
-def sweep_point(original, ratio, cfg, datamodule, calibration, val_batches, example) -> dict:
-    model = copy.deepcopy(original)
-    pruning.convert_text_tower(model.text_tower)
-    prune_once(model, ratio, cfg, calibration)
-    teacher = frozen_copy(original) if cfg.finetune.distill else None
-    finetune(
-        model,
-        datamodule._loader(train=True),
-        cfg.report.sweep_finetune_steps,
-        lr=cfg.finetune.lr,
-        teacher=teacher,
-        progress=cfg.progress_bar,
-        desc=f"sweep ratio {ratio}",
+def sweep_point(original, teacher, ratio, cfg, datamodule, calibration, val_batches, example) -> dict:
+    model = pruned_copy(original, ratio, cfg, calibration)
+    recover(model, teacher, cfg.report.sweep_finetune_steps, cfg, datamodule, f"sweep ratio {ratio}")
+    latency = measure_latency(
+        {"original": original, "pruned": model}, example["images"], example["tokens"], repeats=5
     )
-    latency = measure_latency({"original": original, "pruned": model}, **_inputs(example), repeats=5)
     return {
         "ratio": float(ratio),
-        "params": count_params(model),
+        "params": pruning.count_params(model),
         **evaluate(model, val_batches),
         "speedup": latency["original"] / latency["pruned"],
     }
-
-
-def _inputs(example: dict) -> dict:
-    return {"images": example["images"], "tokens": example["tokens"]}
