@@ -76,9 +76,9 @@ def embed_shards(model_dir: str | Path, shards, batch_size: int = 128, progress:
 
 
 @torch.no_grad()
-def query(model_dir: str | Path, index: dict, text: str, k: int = 5) -> list[tuple[float, str, str]]:
-    """Top-k images for ``text``: (cosine score, sample id, its first caption), best first."""
-    exported = load_exported(model_dir)
+def query(exported: dict, index: dict, text: str, k: int = 5) -> list[tuple[float, str, str]]:
+    """Top-k images for ``text`` (``exported``: ``load_exported``'s result): (cosine score, sample id, its
+    first caption), best first."""
     tokens = torch.tensor([exported["tokenizer"].encode(text).ids], dtype=torch.long)
     q = exported["text"](tokens).float()[0]
     scores = index["image"] @ q
@@ -112,9 +112,10 @@ def main(argv=None) -> int:
             )
         if args.query:
             index = index or torch.load(args.index, weights_only=False)
+            exported = load_exported(args.model)
             for text in args.query:
                 print(f"\n{text!r}:")
-                for rank, (score, sample_id, caption) in enumerate(query(args.model, index, text, args.k), 1):
+                for rank, (score, sample_id, caption) in enumerate(query(exported, index, text, args.k), 1):
                     print(f"  {rank}. {score:.3f}  {sample_id}  {caption}")
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
