@@ -17,25 +17,18 @@ from pathlib import Path
 
 import timm.data
 import torch
-import webdataset as wds
 from tqdm import tqdm
 
 from autoglm_train.compress.export import load_exported
-from autoglm_train.data.shards import SkipCounter, decode, expand_shards, missing_local_shards
+from autoglm_train.data.shards import SkipCounter, existing_shards, usable_samples
 
 
 def image_batches(
-    shards, transform, batch_size: int, skips: SkipCounter
+    urls: list[str], transform, batch_size: int, skips: SkipCounter
 ) -> Iterator[tuple[list, list, list]]:
     """(ids, first captions, image tensors) per batch, in shard order; unusable samples skipped, counted."""
-    pipeline = wds.DataPipeline(
-        wds.SimpleShardList(expand_shards(shards)), wds.tarfile_to_samples(handler=skips.tar_error)
-    )
     ids, captions, images = [], [], []
-    for sample in pipeline:
-        out = decode(sample, "captions", skips)
-        if out is None:
-            continue
+    for out in usable_samples(urls, "captions", skips):
         ids.append(out["id"])
         captions.append(out["captions"][0])
         images.append(transform(out["image"]))
@@ -50,10 +43,7 @@ def image_batches(
 def embed_shards(model_dir: str | Path, shards, batch_size: int = 128, progress: bool = True) -> dict:
     exported = load_exported(model_dir)
     transform = timm.data.create_transform(**exported["meta"]["preprocess"], is_training=False)
-    urls = expand_shards(shards)
-    missing = missing_local_shards(urls)
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards do not exist, e.g. {missing[:3]}")
+    urls = existing_shards(shards)
     skips = SkipCounter()
     all_ids, all_captions, parts = [], [], []
     bar = tqdm(desc="embedding images", unit="img", disable=not progress)

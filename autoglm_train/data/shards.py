@@ -305,19 +305,31 @@ def build_pipeline(
     return ShardPipeline(stages, *steps)
 
 
-def first_usable_sample(shards: str | Sequence[str], caption_key: str = "captions") -> dict:
-    """Reads until one usable sample; raises NoUsableSamplesError naming the shards if there is none."""
+def existing_shards(shards: str | Sequence[str]) -> list[str]:
+    """The shard list expanded; FileNotFoundError naming them if a local shard does not exist."""
     urls = expand_shards(shards)
     missing = missing_local_shards(urls)
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards do not exist, e.g. {missing[:3]}")
-    skips = SkipCounter()
+    return urls
+
+
+def usable_samples(urls: Sequence[str], caption_key: str, skips: SkipCounter) -> Iterator[dict]:
+    """Decoded samples in shard order, in this process; unusable ones skipped and counted in ``skips``."""
     for sample in wds.DataPipeline(
-        wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=skips.tar_error)
+        wds.SimpleShardList(list(urls)), wds.tarfile_to_samples(handler=skips.tar_error)
     ):
         out = decode(sample, caption_key, skips)
         if out is not None:
-            return out
+            yield out
+
+
+def first_usable_sample(shards: str | Sequence[str], caption_key: str = "captions") -> dict:
+    """Reads until one usable sample; raises NoUsableSamplesError naming the shards if there is none."""
+    urls = existing_shards(shards)
+    skips = SkipCounter()
+    for out in usable_samples(urls, caption_key, skips):
+        return out
     raise NoUsableSamplesError(
         f"no usable sample in {len(urls)} shard(s) {urls[:3]}{' ...' if len(urls) > 3 else ''}: "
         f"skipped {dict(skips.counts) or 'nothing (the shards hold no samples)'}; "
