@@ -19,34 +19,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
 
-from autoglm_train.data.shards import iter_captions
-from autoglm_train.data.tokenizer import CaptionTokenizer, train_bpe
+from autoglm_train.build import build_model, build_tokenizer, check_model_weights, split_optimizer_config
 from autoglm_train.lit.callbacks import TrainTimer
 from autoglm_train.lit.module import DualEncoderModule
 from autoglm_train.model.momentum import MomentumEncoder
 
 log = logging.getLogger(__name__)
 console = Console()
-
-
-def build_tokenizer(
-    cfg: DictConfig, train_shards, caption_key: str, ckpt_path: str | None
-) -> CaptionTokenizer:
-    """From the checkpoint being resumed, else from ``tokenizer.path``, else BPE trained on train captions."""
-    if ckpt_path:
-        # mmap: only the tokenizer entry is read, not gigabytes of weights
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True).get("tokenizer_json")
-        if saved:
-            return CaptionTokenizer.from_json(saved, cfg.context_length)
-    if cfg.path:
-        return CaptionTokenizer.from_file(cfg.path, cfg.context_length)
-    start = time.perf_counter()
-    texts = iter_captions(train_shards, caption_key, limit=cfg.train_samples)
-    tokenizer = train_bpe(texts, cfg.vocab_size, cfg.context_length, cfg.min_frequency)
-    log.info(
-        "trained a BPE tokenizer (%d tokens) in %.1fs", tokenizer.vocab_size, time.perf_counter() - start
-    )
-    return tokenizer
 
 
 def build_logger(cfg: DictConfig):
@@ -206,15 +185,16 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if ckpt_path and not cfg.ckpt_path:
         console.print(f"[bold]Resuming[/bold] from {ckpt_path} (found in the run directory)")
 
+    check_model_weights(cfg.model)  # missing weights fail here, before any data is generated
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()  # makes or checks the shards before anything expensive is built
 
-    tokenizer = build_tokenizer(cfg.tokenizer, datamodule.train_shards, datamodule.caption_key, ckpt_path)
+    tokenizer = build_tokenizer(
+        cfg.tokenizer, cfg.model, datamodule.train_shards, datamodule.caption_key, ckpt_path
+    )
     tokenizer.save(output_dir / "tokenizer.json")
-    with open_dict(cfg):
-        cfg.model.text_tower.vocab_size = tokenizer.vocab_size
-    model = instantiate(cfg.model)
-    datamodule.attach(tokenizer, model.image_tower.pretrained_cfg)
+    model = build_model(cfg.model, tokenizer)
+    datamodule.attach(tokenizer, model.image_tower.data_config)
 
     objective = instantiate(cfg.loss.objective)
     momentum = None
@@ -223,10 +203,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
     elif objective.queue_size or objective.distill_alpha:
         raise ValueError("loss.queue_size and loss.distill_alpha need momentum.enabled=true")
     trainer_cfg, grad_cache_chunks, grad_clip = split_trainer_config(cfg)
+    optimizer_cfg, image_layer_decay, text_layer_decay = split_optimizer_config(cfg.optimizer)
     module = DualEncoderModule(
         model,
         objective,
-        optimizer=instantiate(cfg.optimizer),
+        optimizer=instantiate(optimizer_cfg),
+        image_layer_decay=image_layer_decay,
+        text_layer_decay=text_layer_decay,
         warmup_steps=cfg.scheduler.warmup_steps,
         min_lr_ratio=cfg.scheduler.min_lr_ratio,
         eval_chunk_size=cfg.eval.chunk_size,

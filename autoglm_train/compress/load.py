@@ -3,21 +3,22 @@ the checkpoint holds the weights and the tokenizer."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from autoglm_train.data.tokenizer import CaptionTokenizer
+from autoglm_train.build import build_model, model_family
+from autoglm_train.data.tokenizer import CaptionTokenizer, tokenizer_from_json
 from autoglm_train.model.dual_encoder import DualEncoder
 
 
 @dataclass
 class Trained:
     model: DualEncoder
-    tokenizer: CaptionTokenizer
+    tokenizer: CaptionTokenizer  # or an OpenCLIPTokenizer: the same interface
     cfg: DictConfig  # the training run's composed config
     run_dir: Path
 
@@ -32,6 +33,21 @@ def run_dir_of(ckpt: Path) -> Path:
     )
 
 
+def without_weights(model_cfg: DictConfig) -> DictConfig:
+    """The architecture alone: the checkpoint holds the weights, so nothing is downloaded or read twice."""
+    model_cfg = copy.deepcopy(model_cfg)
+    with open_dict(model_cfg):
+        if model_family(model_cfg) == "open_clip":
+            # the tag decides details of the architecture (QuickGELU, preprocessing): keep it, read nothing
+            model_cfg.load_weights = False
+            return model_cfg
+        model_cfg.image_tower.pretrained = False
+        model_cfg.image_tower.checkpoint = None
+        if model_family(model_cfg) == "hf":
+            model_cfg.text_tower.pretrained = False  # its config.json is still read (name or directory)
+    return model_cfg
+
+
 def load_trained(ckpt: str | Path) -> Trained:
     ckpt = Path(ckpt)
     if not ckpt.is_file():
@@ -42,11 +58,8 @@ def load_trained(ckpt: str | Path) -> Trained:
         cfg.paths.output_dir = str(run_dir)  # was ${hydra:runtime.output_dir}, unknown outside that run
     OmegaConf.resolve(cfg)  # parts of it are instantiated alone, away from the keys they point to
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    tokenizer = CaptionTokenizer.from_json(state["tokenizer_json"], cfg.model.text_tower.context_length)
-    with open_dict(cfg):
-        cfg.model.text_tower.vocab_size = tokenizer.vocab_size
-        cfg.model.image_tower.pretrained = False  # the checkpoint has the weights; no download
-    model: DualEncoder = instantiate(cfg.model)
+    tokenizer = tokenizer_from_json(state["tokenizer_json"], cfg.tokenizer.context_length)
+    model = build_model(without_weights(cfg.model), tokenizer)
     weights = {k[len("model.") :]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(weights)
     return Trained(model.eval(), tokenizer, cfg, run_dir)

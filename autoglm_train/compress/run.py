@@ -33,7 +33,7 @@ def build_data(trained, cfg: DictConfig):
         data_cfg.num_workers = cfg.data.num_workers
     datamodule = instantiate(data_cfg)
     datamodule.prepare_data()
-    datamodule.attach(trained.tokenizer, trained.model.image_tower.pretrained_cfg)
+    datamodule.attach(trained.tokenizer, trained.model.image_tower.data_config)
     return datamodule
 
 

@@ -44,7 +44,8 @@ class ShardDataModule(L.LightningDataModule):
     ``{"train": [...], "val": [...]}``, used where ``train_shards``/``val_shards`` are null;
     ``missing_hint`` is appended to the error when shards are missing and nothing can make them.
     Call ``attach(tokenizer, model_data_config)`` before the loaders are asked for: the transform follows
-    the image tower's preprocessing (timm's mean/std/interpolation) at ``image_size``.
+    the image tower's preprocessing (input size, mean, std, interpolation of its weights; ``image_size``
+    overrides the size when set).
     """
 
     def __init__(
@@ -54,7 +55,7 @@ class ShardDataModule(L.LightningDataModule):
         batch_size: int = 128,
         eval_batch_size: int = 256,
         num_workers: int = 1,
-        image_size: int = 224,
+        image_size: int | None = None,
         caption_key: str = "captions",
         shuffle_buffer: int = 2000,
         resampled: bool = False,
@@ -103,10 +104,13 @@ class ShardDataModule(L.LightningDataModule):
         self._prepared = True
 
     def attach(self, tokenizer, model_data_config: dict) -> None:
+        """``model_data_config``: the image tower's ``data_config`` (the preprocessing its weights
+        expect); ``image_size`` overrides its input size when set."""
         self.tokenizer = tokenizer
         cfg = timm.data.resolve_data_config(model_data_config)
+        size = self.image_size or cfg["input_size"][-1]
         common = {
-            "input_size": (3, self.image_size, self.image_size),
+            "input_size": (3, size, size),
             "interpolation": cfg["interpolation"],
             "mean": cfg["mean"],
             "std": cfg["std"],

@@ -40,6 +40,8 @@ class DualEncoderModule(L.LightningModule):
         momentum: torch.nn.Module | None = None,
         grad_cache_chunks: int = 1,
         grad_clip: float | None = None,
+        image_layer_decay: float = 1.0,
+        text_layer_decay: float = 1.0,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["model", "objective", "optimizer", "tokenizer_json", "momentum"])
@@ -145,13 +147,18 @@ class DualEncoderModule(L.LightningModule):
                 self.log(f"data/skipped_{reason}", float(count), reduce_fx="max")
 
     def configure_optimizers(self):
-        weight_decay = getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
-        groups = self.model.param_groups(weight_decay)
+        hp = self.hparams
+        options = getattr(self.optimizer_factory, "keywords", {})
+        groups = self.model.param_groups(
+            options.get("weight_decay", 0.0), hp.image_layer_decay, hp.text_layer_decay
+        )
+        for group in groups:  # layer-wise decay: a group's rate is the base rate times its scale
+            if group["lr_scale"] != 1.0:
+                group["lr"] = options.get("lr", 1e-3) * group["lr_scale"]
         loss_params = [p for p in self.objective.parameters() if p.requires_grad]  # e.g. SigLIP's bias
         if loss_params:
-            groups.append({"params": loss_params, "weight_decay": 0.0})
-        optimizer = self.optimizer_factory(groups)
-        hp = self.hparams
+            groups.append({"params": loss_params, "weight_decay": 0.0, "lr_scale": 1.0})
+        optimizer = self.optimizer_factory([g for g in groups if g["params"]])
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else float("inf")
         schedule = LambdaLR(
             optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)

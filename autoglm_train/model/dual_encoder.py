@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoglm_train.model.towers import ImageTower, TextTower
+PROJECTIONS = ("linear", "mlp", "none")
 
 
 def projection(width: int, embed_dim: int, kind: str) -> nn.Module:
@@ -16,7 +16,11 @@ def projection(width: int, embed_dim: int, kind: str) -> nn.Module:
         return nn.Linear(width, embed_dim, bias=False)
     if kind == "mlp":
         return nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, embed_dim, bias=False))
-    raise ValueError(f"model.projection must be 'linear' or 'mlp', got {kind!r}")
+    if kind == "none":  # the tower projects itself (open_clip towers)
+        if width != embed_dim:
+            raise ValueError(f"model.projection_kind=none needs tower width {width} == embed_dim {embed_dim}")
+        return nn.Identity()
+    raise ValueError(f"model.projection_kind must be one of {PROJECTIONS}, got {kind!r}")
 
 
 class DualEncoder(nn.Module):
@@ -24,19 +28,35 @@ class DualEncoder(nn.Module):
 
     The temperature is learned as a log logit scale (CLIP): initialized to log(1/init_temperature),
     applied as exp(.) clamped at ``max_logit_scale`` so it cannot run away.
+
+    Locking (LiT): ``lock_image`` freezes the image tower but its last ``lock_image_unlocked_groups``
+    groups (``lock_image_freeze_bn`` also fixes the frozen part's batch-norm statistics); ``lock_text``
+    likewise with ``lock_text_unlocked_layers``. Frozen parameters have ``requires_grad=False``, so they
+    stay out of the optimizer and out of DDP's reducer; a wholly locked tower runs in eval mode without
+    autograd. ``grad_checkpointing`` recomputes tower activations in backward; ``compile`` wraps each
+    tower's forward in ``torch.compile`` (state dict keys unchanged).
     """
 
     def __init__(
         self,
-        image_tower: ImageTower,
-        text_tower: TextTower,
+        image_tower: nn.Module,
+        text_tower: nn.Module,
         embed_dim: int = 256,
         projection_kind: str = "linear",
         init_temperature: float = 0.07,
         learn_temperature: bool = True,
         max_logit_scale: float = 100.0,
+        lock_image: bool = False,
+        lock_image_unlocked_groups: int = 0,
+        lock_image_freeze_bn: bool = False,
+        lock_text: bool = False,
+        lock_text_unlocked_layers: int = 0,
+        grad_checkpointing: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
+        if init_temperature <= 0:
+            raise ValueError(f"model.init_temperature must be > 0, got {init_temperature}")
         self.image_tower = image_tower
         self.text_tower = text_tower
         self.image_proj = projection(image_tower.width, embed_dim, projection_kind)
@@ -47,6 +67,22 @@ class DualEncoder(nn.Module):
         self.log_logit_scale = nn.Parameter(
             torch.tensor([math.log(1.0 / init_temperature)]), requires_grad=learn_temperature
         )
+        if lock_image:
+            self.image_tower.lock(lock_image_unlocked_groups, lock_image_freeze_bn)
+        elif lock_image_unlocked_groups or lock_image_freeze_bn:
+            raise ValueError(
+                "model.lock_image_unlocked_groups/lock_image_freeze_bn need model.lock_image=true"
+            )
+        if lock_text:
+            self.text_tower.lock(lock_text_unlocked_layers)
+        elif lock_text_unlocked_layers:
+            raise ValueError("model.lock_text_unlocked_layers needs model.lock_text=true")
+        if grad_checkpointing:
+            self.image_tower.set_grad_checkpointing(True)
+            self.text_tower.set_grad_checkpointing(True)
+        if compile:
+            self.image_tower.compile()
+            self.text_tower.compile()
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_proj(self.image_tower(images)), dim=-1)
@@ -60,17 +96,41 @@ class DualEncoder(nn.Module):
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
         return self.encode_image(images), self.encode_text(tokens), self.logit_scale()
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """Weight decay on matrices and conv kernels only; never on norms, biases, embeddings' scale."""
-        decay, no_decay = [], []
+    def lr_scales(self, image_layer_decay: float = 1.0, text_layer_decay: float = 1.0) -> dict[str, float]:
+        """Layer-wise learning-rate decay (BEiT/ELECTRA): a tower parameter at depth l of L trains at
+        ``decay ** (L - l)`` times the base rate; heads and the temperature at the full rate."""
+        scales: dict[str, float] = {}
+        for prefix, tower, decay in (
+            ("image_tower.", self.image_tower, image_layer_decay),
+            ("text_tower.", self.text_tower, text_layer_decay),
+        ):
+            if not 0.0 < decay <= 1.0:
+                raise ValueError(f"optimizer.*_layer_decay must be in (0, 1], got {decay}")
+            if decay == 1.0:
+                continue
+            ids, layers = tower.layer_ids()
+            for name, layer in ids.items():
+                scales[prefix + name] = decay ** (layers - layer)
+        return scales
+
+    def param_groups(
+        self, weight_decay: float, image_layer_decay: float = 1.0, text_layer_decay: float = 1.0
+    ) -> list[dict]:
+        """Weight decay on matrices and conv kernels only (never norms, biases, the logit scale); with a
+        layer decay < 1, one group per (decay, lr_scale) pair. Frozen parameters are left out."""
+        scales = self.lr_scales(image_layer_decay, text_layer_decay)
+        groups: dict[tuple[bool, float], list] = {}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            if p.ndim < 2 or name == "log_logit_scale" or "norm" in name or name.endswith(".bias"):
-                no_decay.append(p)
-            else:
-                decay.append(p)
+            decayed = not (
+                p.ndim < 2 or name == "log_logit_scale" or "norm" in name or name.endswith(".bias")
+            )
+            groups.setdefault((decayed, scales.get(name, 1.0)), []).append(p)
+        for decayed in (True, False):  # the plain two groups always exist, in this order
+            groups.setdefault((decayed, 1.0), [])
+        ordered = sorted(groups.items(), key=lambda kv: (kv[0][1] != 1.0, not kv[0][0], -kv[0][1]))
         return [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"params": ps, "weight_decay": weight_decay if decayed else 0.0, "lr_scale": scale}
+            for (decayed, scale), ps in ordered
         ]

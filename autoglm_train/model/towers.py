@@ -1,26 +1,132 @@
-"""Image tower (any timm model) and text tower (a transformer encoder over token ids)."""
+"""Image tower (any timm model) and text tower (a transformer encoder over token ids).
+
+Every tower speaks one small protocol that the dual encoder, the optimizer and the launchers rely on:
+``width`` (features out), ``lock(...)`` (LiT: freeze all but the last groups), ``set_grad_checkpointing``,
+``layer_ids()`` (parameter name -> depth, for layer-wise learning-rate decay) and, for image towers,
+``data_config`` (input size, mean, std, interpolation, crop_pct of the weights' preprocessing).
+"""
 
 from __future__ import annotations
 
 import timm
+import timm.data
 import torch
+from timm.layers import freeze_batch_norm_2d
+from timm.models import group_modules, group_parameters
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from autoglm_train.model.weights import check_timm_weights, load_into, read_state_dict, strip_prefix
+
+# where a tower's weights sit inside checkpoints of ours and of common wrappers
+IMAGE_PREFIXES = ("model.image_tower.backbone.", "image_tower.backbone.", "module.backbone.", "backbone.")
 
 
 class ImageTower(nn.Module):
-    """A timm backbone with its classifier removed; outputs pooled features of size ``width``."""
+    """A timm backbone with its classifier removed; outputs pooled features of size ``width``.
 
-    def __init__(self, name: str = "resnet18", pretrained: bool = False, **timm_kwargs):
+    ``pretrained``: timm's released weights, from the local Hugging Face cache (or downloaded where the
+    hub is reachable). ``checkpoint``: a local ``.safetensors``/``.pth``/``.bin`` file, or a checkpoint of
+    ours (its image tower is taken); ``strict=false`` loads what matches and logs the rest.
+    ``patch_dropout``: fraction of patch tokens dropped in training (ViT towers; timm's PatchDropout).
+    """
+
+    def __init__(
+        self,
+        name: str = "resnet18",
+        pretrained: bool = False,
+        checkpoint: str | None = None,
+        strict: bool = True,
+        patch_dropout: float = 0.0,
+        **timm_kwargs,
+    ):
         super().__init__()
+        if pretrained and checkpoint:
+            raise ValueError("model.image_tower: give pretrained=true or checkpoint=PATH, not both")
+        if not 0.0 <= patch_dropout < 1.0:
+            raise ValueError(f"model.image_tower.patch_dropout must be in [0, 1), got {patch_dropout}")
+        if pretrained:
+            check_timm_weights(name)
+        if patch_dropout:
+            timm_kwargs["patch_drop_rate"] = patch_dropout
         self.name = name
-        self.backbone = timm.create_model(name, pretrained=pretrained, num_classes=0, **timm_kwargs)
+        try:
+            self.backbone = timm.create_model(name, pretrained=pretrained, num_classes=0, **timm_kwargs)
+        except TypeError as exc:
+            if patch_dropout and "patch_drop_rate" in str(exc):
+                raise ValueError(
+                    f"model.image_tower.patch_dropout needs a ViT-style tower; {name} has no patch tokens"
+                ) from exc
+            raise
+        if checkpoint:
+            state = strip_prefix(read_state_dict(checkpoint), IMAGE_PREFIXES)
+            classifier = self.pretrained_cfg.get("classifier") or ()
+            classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+            load_into(
+                self.backbone,
+                state,
+                strict,
+                f"model.image_tower.checkpoint={checkpoint}",
+                ignore=[f"{c}." for c in classifier],
+            )
         self.width = self.backbone.num_features
+        self.locked = False  # wholly locked: run in eval mode without autograd
 
     @property
     def pretrained_cfg(self) -> dict:
         return dict(getattr(self.backbone, "pretrained_cfg", {}) or {})
 
+    @property
+    def data_config(self) -> dict:
+        """The preprocessing the weights expect (timm's resolution: input_size, mean, std, ...)."""
+        # from the backbone, whose pretrained_cfg may be gone (a quantized or traced copy): timm's defaults
+        return timm.data.resolve_data_config({}, model=self.backbone)
+
+    def _groups(self) -> dict[int, list[str]]:
+        return group_parameters(self.backbone, self.backbone.group_matcher(coarse=False))
+
+    def lock(self, unlocked_groups: int = 0, freeze_bn: bool = False) -> None:
+        """Freeze all but the last ``unlocked_groups`` groups of timm's layer grouping (stem, blocks or
+        stages, head norm); ``freeze_bn`` also fixes batch-norm statistics of the frozen part."""
+        groups = self._groups()
+        last_frozen = max(groups) - unlocked_groups
+        for gid, names in groups.items():
+            if gid <= last_frozen:
+                for n in names:
+                    self.backbone.get_parameter(n).requires_grad_(False)
+        self.locked = unlocked_groups <= 0
+        if freeze_bn:
+            if self.locked:
+                self.backbone = freeze_batch_norm_2d(self.backbone)
+            else:
+                frozen = {
+                    m
+                    for m, gid in group_modules(
+                        self.backbone, self.backbone.group_matcher(coarse=False)
+                    ).items()
+                    if gid <= last_frozen
+                }
+                freeze_batch_norm_2d(self.backbone, frozen)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.backbone.set_grad_checkpointing(enable)
+
+    def layer_ids(self) -> tuple[dict[str, int], int]:
+        """``({parameter name: layer}, layers)`` from timm's grouping (names relative to this tower)."""
+        groups = self._groups()
+        ids = {f"backbone.{n}": gid for gid, names in groups.items() for n in names}
+        return ids, max(groups)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.locked:  # a frozen tower keeps its batch-norm statistics and drops no patches
+            self.backbone.eval()
+        return self
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.locked:
+            with torch.no_grad():
+                return self.backbone(images)
         return self.backbone(images)
 
 
@@ -50,6 +156,8 @@ class TextTower(nn.Module):
         # drop all-padding columns before the encoder (same output, less compute); off for tracing, which
         # would freeze the data-dependent length into the exported graph
         self.trim_padding = True
+        self.grad_checkpointing = False
+        self.locked = False
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
         layer = nn.TransformerEncoderLayer(
@@ -66,7 +174,43 @@ class TextTower(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
 
+    def lock(self, unlocked_layers: int = 0) -> None:
+        """Freeze the embeddings and all but the last ``unlocked_layers`` layers (the final norm stays
+        trainable with them)."""
+        depth = len(self.encoder.layers)
+        frozen = [self.token_embedding, *self.encoder.layers[: max(0, depth - unlocked_layers)]]
+        if unlocked_layers <= 0:
+            frozen.append(self.final_norm)
+        for module in frozen:
+            module.requires_grad_(False)
+        self.positional_embedding.requires_grad_(unlocked_layers > depth)
+        self.locked = unlocked_layers <= 0
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def layer_ids(self) -> tuple[dict[str, int], int]:
+        depth = len(self.encoder.layers)
+        ids = {}
+        for name, _ in self.named_parameters():
+            if name.startswith(("token_embedding", "positional_embedding")):
+                ids[name] = 0
+            elif name.startswith("encoder.layers."):
+                ids[name] = int(name.split(".")[2]) + 1
+            else:
+                ids[name] = depth + 1
+        return ids, depth + 1
+
+    def train(self, mode: bool = True):
+        return super().train(mode and not self.locked)
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.locked:
+            with torch.no_grad():
+                return self._forward(tokens)
+        return self._forward(tokens)
+
+    def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.shape[1] > self.context_length:
             raise ValueError(f"got {tokens.shape[1]} tokens, context_length is {self.context_length}")
         # drop the columns that are padding in every row: masked anyway, and they cost most of the compute
@@ -75,7 +219,12 @@ class TextTower(nn.Module):
             tokens = tokens[:, :longest]
         padding = tokens == 0
         x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
-        x = self.final_norm(self.encoder(x, src_key_padding_mask=padding))
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            for layer in self.encoder.layers:  # keep one layer's activations at a time; recompute in backward
+                x = checkpoint(layer, x, None, padding, use_reentrant=False)
+        else:
+            x = self.encoder(x, src_key_padding_mask=padding)
+        x = self.final_norm(x)
         if self.pool == "cls":
             return x[:, 0]
         keep = (~padding).unsqueeze(-1).to(x.dtype)

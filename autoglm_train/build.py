@@ -1,0 +1,102 @@
+"""Composition shared by the entry points (train, evaluate, compress): which model family a config
+names, whether its weights are here, its tokenizer, the model sized by that tokenizer."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from autoglm_train.data.shards import iter_captions
+from autoglm_train.data.tokenizer import CaptionTokenizer, tokenizer_from_json, train_bpe
+
+log = logging.getLogger(__name__)
+
+
+def model_family(model_cfg: DictConfig) -> str:
+    """``open_clip`` | ``hf`` (a Hugging Face text tower) | ``ours`` (our transformer and BPE)."""
+    if str(model_cfg.get("_target_", "")).endswith("open_clip_model"):
+        return "open_clip"
+    text = model_cfg.get("text_tower") or {}
+    return "hf" if str(text.get("_target_", "")).endswith("HFTextTower") else "ours"
+
+
+def check_model_weights(model_cfg: DictConfig) -> None:
+    """Every weight the model config names exists here (or downloads), checked before data generation."""
+    family = model_family(model_cfg)
+    if family == "open_clip":
+        from autoglm_train.model.open_clip import check_open_clip_weights
+
+        check_open_clip_weights(model_cfg.name, model_cfg.pretrained, model_cfg.get("model_config"))
+        return
+    image = model_cfg.image_tower
+    if model_cfg.get("lock_image") and not (image.get("pretrained") or image.get("checkpoint")):
+        raise ValueError(
+            "model.lock_image=true would freeze a randomly initialised image tower: give "
+            "model.image_tower.checkpoint=PATH (a checkpoint of ours, e.g. from make train, or a "
+            ".safetensors/.pth/.bin file) or model.image_tower.pretrained=true"
+        )
+    if image.get("pretrained") and image.get("checkpoint"):
+        raise ValueError("model.image_tower: give pretrained=true or checkpoint=PATH, not both")
+    if image.get("pretrained"):
+        from autoglm_train.model.weights import check_timm_weights
+
+        check_timm_weights(image.name)
+    if image.get("checkpoint") and not Path(image.checkpoint).is_file():
+        raise FileNotFoundError(f"model.image_tower.checkpoint={image.checkpoint}: file not found")
+    if family == "hf":
+        from autoglm_train.model.hf_text import check_hf_weights
+
+        check_hf_weights(model_cfg.text_tower.name, model_cfg.text_tower.pretrained)
+
+
+def build_tokenizer(cfg: DictConfig, model_cfg: DictConfig, train_shards, caption_key: str, ckpt_path):
+    """From the checkpoint being resumed; else the text tower's own (Hugging Face, open_clip); else
+    ``tokenizer.path``; else a BPE trained on the training captions."""
+    if ckpt_path:
+        # mmap: only the tokenizer entry is read, not gigabytes of weights
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True).get("tokenizer_json")
+        if saved:
+            return tokenizer_from_json(saved, cfg.context_length)
+    family = model_family(model_cfg)
+    if family == "open_clip":
+        from autoglm_train.data.open_clip_tokenizer import OpenCLIPTokenizer
+
+        return OpenCLIPTokenizer(model_cfg.name, cfg.context_length, model_cfg.get("model_config"))
+    if family == "hf":
+        return CaptionTokenizer.from_pretrained(model_cfg.text_tower.name, cfg.context_length)
+    if cfg.path:
+        return CaptionTokenizer.from_file(cfg.path, cfg.context_length)
+    start = time.perf_counter()
+    texts = iter_captions(train_shards, caption_key, limit=cfg.train_samples)
+    tokenizer = train_bpe(texts, cfg.vocab_size, cfg.context_length, cfg.min_frequency)
+    log.info(
+        "trained a BPE tokenizer (%d tokens) in %.1fs", tokenizer.vocab_size, time.perf_counter() - start
+    )
+    return tokenizer
+
+
+def build_model(model_cfg: DictConfig, tokenizer):
+    """The configured model, its text tower sized by the tokenizer (vocabulary, padding id)."""
+    model_cfg = copy.deepcopy(model_cfg)
+    with open_dict(model_cfg):
+        text = model_cfg.get("text_tower")
+        if text is not None and "vocab_size" in text.keys():
+            text.vocab_size = tokenizer.vocab_size
+        if text is not None and "pad_id" in text.keys():
+            text.pad_id = tokenizer.pad_id
+    return instantiate(model_cfg)
+
+
+def split_optimizer_config(cfg: DictConfig) -> tuple[DictConfig, float, float]:
+    """The optimizer's arguments, less ours: layer-wise learning-rate decay per tower."""
+    opt = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    with open_dict(opt):
+        image_decay = float(opt.pop("image_layer_decay", 1.0) or 1.0)
+        text_decay = float(opt.pop("text_layer_decay", 1.0) or 1.0)
+    return opt, image_decay, text_decay
