@@ -94,6 +94,19 @@ def compose_config(overrides: list[str], output_dir: Path, config_name: str = "t
     return cfg
 
 
+def train_run(overrides: list[str], run_dir: Path) -> dict:
+    """A training run as the entry point makes it (its composed config in ``.hydra/``, which is how a
+    checkpoint is read back); returns its metrics."""
+    from omegaconf import OmegaConf
+
+    from autoglm_train import train
+
+    cfg = compose_config(overrides, run_dir)
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    return train.run(cfg)
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path, shapes_dir):
     def make(*extra: str, output_dir: Path | None = None):

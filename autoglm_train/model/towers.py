@@ -13,6 +13,7 @@ import timm.data
 import torch
 from timm.layers import freeze_batch_norm_2d
 from timm.models import group_modules, group_parameters
+from timm.utils.model import freeze
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -99,14 +100,10 @@ class ImageTower(nn.Module):
             if self.locked:
                 self.backbone = freeze_batch_norm_2d(self.backbone)
             else:
-                frozen = {
-                    m
-                    for m, gid in group_modules(
-                        self.backbone, self.backbone.group_matcher(coarse=False)
-                    ).items()
-                    if gid <= last_frozen
-                }
-                freeze_batch_norm_2d(self.backbone, frozen)
+                matcher = self.backbone.group_matcher(coarse=False)
+                module_groups = group_modules(self.backbone, matcher, reverse=True)  # name -> group
+                frozen = sorted(m for m, gid in module_groups.items() if gid <= last_frozen)
+                freeze(self.backbone, frozen, include_bn_running_stats=True)  # BN -> FrozenBatchNorm2d
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.backbone.set_grad_checkpointing(enable)

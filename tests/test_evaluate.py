@@ -1,0 +1,89 @@
+"""``python -m autoglm_train.evaluate`` scores a checkpoint exactly as its training run's final evaluation
+did, for our towers and for an open_clip model, and scores released weights with no checkpoint at all."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import TINY, compose_config, train_run
+from test_open_clip import TinyCLIP
+
+from autoglm_train import evaluate
+
+pytestmark = pytest.mark.slow
+RETRIEVAL = [
+    "val/i2t_r1",
+    "val/i2t_r5",
+    "val/i2t_r10",
+    "val/t2i_r1",
+    "val/t2i_r5",
+    "val/t2i_r10",
+    "val/r1_mean",
+]
+
+
+@pytest.fixture
+def data_env(shapes_dir):
+    os.environ["AUTOGLM_DATA_DIR"] = str(shapes_dir)
+    yield shapes_dir
+    os.environ.pop("AUTOGLM_DATA_DIR")
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> TinyCLIP:
+    return TinyCLIP(tmp_path_factory.mktemp("tiny_clip_eval"), "tiny-clip-eval")
+
+
+def evaluate_run(overrides: list[str], run_dir: Path) -> dict:
+    metrics = evaluate.run(compose_config(overrides + ["progress_bar=false"], run_dir, "evaluate"))
+    assert json.loads((run_dir / "metrics.json").read_text()) == pytest.approx(metrics)
+    return metrics
+
+
+def open_clip_overrides(tiny: TinyCLIP) -> list[str]:
+    return [
+        "model=open_clip",
+        f"model.name={tiny.name}",
+        f"model.model_config={tiny.config}",
+        f"model.pretrained={tiny.weights}",
+        "model.text_tower.context_length=16",
+    ]
+
+
+def test_a_checkpoint_of_ours_scores_what_its_training_run_reported(data_env, tmp_path):
+    trained = train_run([*TINY, "trainer.max_steps=4", "eval.zeroshot.task=null"], tmp_path / "train")
+    assert trained == pytest.approx(json.loads((tmp_path / "train" / "metrics.json").read_text()))
+    ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
+    scored = evaluate_run([f"ckpt={ckpt}"], tmp_path / "eval")
+    for key in RETRIEVAL:
+        assert scored[key] == pytest.approx(trained[key], abs=1e-9), key
+    assert scored["val/images"] == 200 and scored["val/captions"] == 400
+    assert (tmp_path / "eval" / "tokenizer.json").read_text() == (
+        tmp_path / "train" / "tokenizer.json"
+    ).read_text()
+
+
+def test_an_open_clip_checkpoint_and_released_weights_without_training(data_env, tiny_clip, tmp_path):
+    model_args = open_clip_overrides(tiny_clip)
+    tiny_no_text = [o for o in TINY if not o.startswith(("model.text_tower.", "model.embed_dim"))]
+    trained = train_run(
+        [*tiny_no_text, *model_args, "trainer.max_steps=3", "eval.zeroshot.task=null"], tmp_path / "train"
+    )
+    scored = evaluate_run([f"ckpt={tmp_path / 'train' / 'checkpoints' / 'last.ckpt'}"], tmp_path / "eval")
+    for key in RETRIEVAL:
+        assert scored[key] == pytest.approx(trained[key], abs=1e-9), key
+
+    # the zero-shot baseline before any fine-tuning: the weights file alone, on a shard set
+    shards = sorted(str(p) for p in (data_env / "shapes").glob("val-*.tar"))
+    baseline = evaluate_run(
+        [*model_args, "data=wds", f"data.val_shards={shards}", "data.image_size=null"], tmp_path / "base"
+    )
+    assert baseline["val/images"] == 200 and 0.0 <= baseline["val/r1_mean"] <= 1.0
+
+
+def test_evaluate_without_a_checkpoint_or_shards_says_what_to_give(tmp_path):
+    with pytest.raises(ValueError, match=r"data=wds data.val_shards"):
+        evaluate.run(compose_config(["model=open_clip"], tmp_path / "e", "evaluate"))
