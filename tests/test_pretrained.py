@@ -169,6 +169,24 @@ def test_missing_text_tower_weights_offline_fail_before_any_data_is_made(tmp_pat
     assert not fresh.exists()
 
 
+@pytest.mark.parametrize(
+    ("experiment", "names"),
+    [("coco_finetune", ["ViT-B-16", "openai"]), ("coco_lit", ["vit_base_patch16_224.augreg2_in21k_ft_in1k"])],
+)
+def test_fine_tuning_recipes_without_weights_fail_at_once_naming_them(
+    experiment, names, tmp_path, empty_hub_cache
+):
+    from conftest import compose_config
+
+    from autoglm_train import train
+
+    cfg = compose_config([f"experiment={experiment}", f"paths.data_dir={tmp_path / 'd'}"], tmp_path / "run")
+    with pytest.raises(MissingWeightsError) as error:
+        train.run(cfg)
+    assert all(name in str(error.value) for name in names) and str(empty_hub_cache) in str(error.value)
+    assert not (tmp_path / "d").exists()
+
+
 def test_shapes_lit_without_a_checkpoint_says_what_is_missing(tmp_path):
     from conftest import compose_config
 
@@ -311,12 +329,13 @@ def test_lock_puts_frozen_parameters_out_of_the_optimizer_and_keeps_the_locked_t
 
 @pytest.mark.slow
 def test_two_gloo_ranks_train_a_locked_tower_with_powersgd(shapes_dir, tmp_path):
+    """And with gradient checkpointing and gradient caching on top: no unused-parameter errors."""
     weights, _ = resnet_file(tmp_path)
     run_dir = tmp_path / "ddp"
     env = {**os.environ, "AUTOGLM_DATA_DIR": str(shapes_dir), "PYTHONUNBUFFERED": "1"}
     args = [sys.executable, "-m", "autoglm_train", *TINY, "trainer=ddp_cpu", "compression=powersgd"]
     args += ["compression.start_iter=2", "model.lock_image=true", f"model.image_tower.checkpoint={weights}"]
-    args += ["model.lock_text=true"]
+    args += ["model.lock_text=true", "model.grad_checkpointing=true", "trainer.grad_cache_chunks=2"]
     args += ["model.lock_text_unlocked_layers=1", "trainer.max_steps=4", "trainer.log_every_n_steps=1"]
     args += ["eval.zeroshot.task=null", f"hydra.run.dir={run_dir}"]
     done = subprocess.run(
