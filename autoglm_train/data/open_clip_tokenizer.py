@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import open_clip
 import torch
 
 SPEC_KEY = "open_clip_tokenizer"
@@ -19,6 +18,8 @@ SPEC_KEY = "open_clip_tokenizer"
 def register_config(name: str, model_config: str | None) -> None:
     """A custom architecture's config must be known to open_clip in every process (workers included),
     since the tokenizer kind and context length come from it."""
+    import open_clip  # here, not at the top: tokenizer_from_json asks this module about every checkpoint
+
     if model_config is None:
         return
     path = Path(model_config)
@@ -44,6 +45,8 @@ class OpenCLIPTokenizer:
     rebuilt in the worker)."""
 
     def __init__(self, name: str, context_length: int | None = None, model_config: str | None = None):
+        import open_clip
+
         self.name = name.replace("/", "-")  # open_clip's spelling, as the model's
         self.model_config = str(Path(model_config).expanduser().resolve()) if model_config else None
         register_config(self.name, self.model_config)
