@@ -8,6 +8,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
 from autoglm_train import train
+from autoglm_train.build import model_family
 
 EXPERIMENTS = sorted(
     p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "experiment").glob("*.yaml")
@@ -18,14 +19,26 @@ EXPERIMENTS = sorted(
 def test_every_experiment_composes_and_instantiates_its_parts(experiment, tmp_path):
     cfg = compose_config([f"experiment={experiment}"], tmp_path)
     assert cfg.trainer.max_steps > 0
-    model_cfg = cfg.model.copy()
-    model_cfg.text_tower.vocab_size = 100
-    model_cfg.image_tower.name = "resnet18"  # building ViT-B weights is slow; the tower name is checked below
-    assert instantiate(model_cfg).embed_dim == cfg.model.embed_dim
     instantiate(cfg.loss.objective)
+    family = model_family(cfg.model)
+    if family == "open_clip":  # open_clip's own names; weights are checked in tests/test_open_clip.py
+        import open_clip
+
+        assert cfg.model.name in open_clip.list_models()
+        return
     import timm
 
     assert timm.is_model(cfg.model.image_tower.name)
+    model_cfg = cfg.model.copy()
+    model_cfg.image_tower.name = "resnet18"  # building ViT-B weights is slow; the tower name is checked above
+    model_cfg.image_tower.pretrained = False  # no weights here: tests/test_pretrained.py loads them
+    model_cfg.image_tower.checkpoint = None
+    model_cfg.lock_image = False
+    if family == "hf":
+        assert cfg.model.text_tower.name and cfg.model.text_tower.pool in ("cls", "mean", "eos")
+        return
+    model_cfg.text_tower.vocab_size = 100
+    assert instantiate(model_cfg).embed_dim == cfg.model.embed_dim
 
 
 def test_coco_align_settings(tmp_path):
