@@ -100,3 +100,18 @@ def split_optimizer_config(cfg: DictConfig) -> tuple[DictConfig, float, float]:
         image_decay = float(opt.pop("image_layer_decay", 1.0) or 1.0)
         text_decay = float(opt.pop("text_layer_decay", 1.0) or 1.0)
     return opt, image_decay, text_decay
+
+
+def without_weights(model_cfg: DictConfig) -> DictConfig:
+    """The architecture alone: the checkpoint holds the weights, so nothing is downloaded or read twice."""
+    model_cfg = copy.deepcopy(model_cfg)
+    with open_dict(model_cfg):
+        if model_family(model_cfg) == "open_clip":
+            # the tag decides details of the architecture (QuickGELU, preprocessing): keep it, read nothing
+            model_cfg.load_weights = False
+            return model_cfg
+        model_cfg.image_tower.pretrained = False
+        model_cfg.image_tower.checkpoint = None
+        if model_family(model_cfg) == "hf":
+            model_cfg.text_tower.pretrained = False  # its config.json is still read (name or directory)
+    return model_cfg

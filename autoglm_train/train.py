@@ -19,7 +19,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
 
-from autoglm_train.build import build_model, build_tokenizer, check_model_weights, split_optimizer_config
+from autoglm_train.build import (
+    build_model,
+    build_tokenizer,
+    check_model_weights,
+    split_optimizer_config,
+    without_weights,
+)
 from autoglm_train.lit.callbacks import TrainTimer
 from autoglm_train.lit.module import DualEncoderModule
 from autoglm_train.model.momentum import MomentumEncoder
@@ -185,15 +191,19 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if ckpt_path and not cfg.ckpt_path:
         console.print(f"[bold]Resuming[/bold] from {ckpt_path} (found in the run directory)")
 
-    check_model_weights(cfg.model)  # missing weights fail here, before any data is generated
+    # resuming (a requeued job too): the checkpoint holds every weight, so released weights and weight
+    # files are neither needed nor read again; otherwise missing weights fail here, before any data is made
+    model_cfg = without_weights(cfg.model) if ckpt_path else cfg.model
+    if not ckpt_path:
+        check_model_weights(cfg.model)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()  # makes or checks the shards before anything expensive is built
 
     tokenizer = build_tokenizer(
-        cfg.tokenizer, cfg.model, datamodule.train_shards, datamodule.caption_key, ckpt_path
+        cfg.tokenizer, model_cfg, datamodule.train_shards, datamodule.caption_key, ckpt_path
     )
     tokenizer.save(output_dir / "tokenizer.json")
-    model = build_model(cfg.model, tokenizer)
+    model = build_model(model_cfg, tokenizer)
     datamodule.attach(tokenizer, model.image_tower.data_config)
 
     objective = instantiate(cfg.loss.objective)

@@ -303,6 +303,24 @@ def test_locked_image_tower_from_a_checkpoint_is_bitwise_unchanged_and_the_rest_
     for key in ("model.image_proj.weight", "model.text_tower.token_embedding.weight"):
         assert key in ckpt
 
+    # a requeued job resumes from its checkpoint even when the weights file has gone since
+    path.unlink()
+    resumed = tiny_cfg(
+        f"model.image_tower.checkpoint={path}",
+        "model.lock_image=true",
+        "model.lock_image_unlocked_groups=1",
+        "model.lock_image_freeze_bn=true",
+        "trainer.max_steps=8",
+        "eval.zeroshot.task=null",
+        f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}",
+        output_dir=tmp_path / "resumed",
+    )
+    assert train.run(resumed)["train/steps"] == 8
+    again = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    for key in state:
+        if not key.startswith(("fc.", *last_group)) and not key.endswith("num_batches_tracked"):
+            assert torch.equal(again[prefix + key], state[key]), key  # still locked, still as loaded
+
 
 def test_lock_puts_frozen_parameters_out_of_the_optimizer_and_keeps_the_locked_tower_in_eval():
     model = DualEncoder(

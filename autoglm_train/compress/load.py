@@ -3,14 +3,13 @@ the checkpoint holds the weights and the tokenizer."""
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from autoglm_train.build import build_model, model_family
+from autoglm_train.build import build_model, without_weights
 from autoglm_train.data.tokenizer import CaptionTokenizer, tokenizer_from_json
 from autoglm_train.model.dual_encoder import DualEncoder
 
@@ -31,21 +30,6 @@ def run_dir_of(ckpt: Path) -> Path:
     raise FileNotFoundError(
         f"{ckpt}: no .hydra/config.yaml above it; a checkpoint is read from its run directory"
     )
-
-
-def without_weights(model_cfg: DictConfig) -> DictConfig:
-    """The architecture alone: the checkpoint holds the weights, so nothing is downloaded or read twice."""
-    model_cfg = copy.deepcopy(model_cfg)
-    with open_dict(model_cfg):
-        if model_family(model_cfg) == "open_clip":
-            # the tag decides details of the architecture (QuickGELU, preprocessing): keep it, read nothing
-            model_cfg.load_weights = False
-            return model_cfg
-        model_cfg.image_tower.pretrained = False
-        model_cfg.image_tower.checkpoint = None
-        if model_family(model_cfg) == "hf":
-            model_cfg.text_tower.pretrained = False  # its config.json is still read (name or directory)
-    return model_cfg
 
 
 def load_trained(ckpt: str | Path) -> Trained:
