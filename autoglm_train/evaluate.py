@@ -12,7 +12,6 @@ import copy
 import json
 import logging
 import time
-from pathlib import Path
 
 import hydra
 import lightning as L
@@ -46,23 +45,16 @@ def load_model(cfg: DictConfig):
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    import torch
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import RichProgressBar
 
     from autoglm_train.lit.module import DualEncoderModule
     from autoglm_train.losses.infonce import InfoNCE
     from autoglm_train.losses.objective import Objective
-    from autoglm_train.train import console, print_results, quiet_library_noise, zeroshot_metrics
+    from autoglm_train.train import console, print_results, start_run, zeroshot_metrics
 
     start = time.perf_counter()
-    quiet_library_noise()
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    console.print(f"[bold]Run directory:[/bold] {output_dir}")
-    L.seed_everything(cfg.seed)
-    if cfg.get("threads"):
-        torch.set_num_threads(cfg.threads)
+    output_dir = start_run(cfg)
 
     model, tokenizer, data_cfg = load_model(cfg)
     tokenizer.save(output_dir / "tokenizer.json")

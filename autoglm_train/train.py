@@ -177,8 +177,8 @@ def quiet_library_noise() -> None:
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
-    run_start = time.perf_counter()
+def start_run(cfg: DictConfig) -> Path:
+    """What every entry point does first: quiet logs, the run directory made and printed, seed, threads."""
     quiet_library_noise()
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -186,6 +186,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("threads"):
         torch.set_num_threads(cfg.threads)
+    return output_dir
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    run_start = time.perf_counter()
+    output_dir = start_run(cfg)
 
     ckpt_path = cfg.ckpt_path or find_resume_checkpoint(output_dir)
     if ckpt_path and not cfg.ckpt_path:

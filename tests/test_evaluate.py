@@ -10,19 +10,12 @@ from pathlib import Path
 import pytest
 from conftest import TINY, compose_config, train_run
 from test_open_clip import TinyCLIP
+from test_train import METRIC_KEYS
 
 from autoglm_train import evaluate
 
 pytestmark = pytest.mark.slow
-RETRIEVAL = [
-    "val/i2t_r1",
-    "val/i2t_r5",
-    "val/i2t_r10",
-    "val/t2i_r1",
-    "val/t2i_r5",
-    "val/t2i_r10",
-    "val/r1_mean",
-]
+RETRIEVAL = sorted(k for k in METRIC_KEYS if k.startswith("val/"))
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from autoglm_train.model.towers import LockableTower
 from autoglm_train.model.weights import MissingWeightsError, ensure_hub_files
 
 POOLS = ("cls", "mean", "eos")
@@ -45,7 +46,7 @@ def find_layers(model: nn.Module) -> nn.ModuleList:
     return matching[0]
 
 
-class HFTextTower(nn.Module):
+class HFTextTower(LockableTower):
     def __init__(
         self,
         name: str,
@@ -77,7 +78,6 @@ class HFTextTower(nn.Module):
         self.name, self.pool, self.context_length = name, pool, context_length
         self.pad_id = pad_id if pad_id is not None else (config.pad_token_id or 0)
         self.width = config.hidden_size
-        self.locked = False
 
     def lock(self, unlocked_layers: int = 0) -> None:
         """Freeze the embeddings and all but the last ``unlocked_layers`` layers (what follows the stack,
@@ -111,15 +111,6 @@ class HFTextTower(nn.Module):
             else:  # embeddings before the stack, norms after it
                 ids[name] = 0 if "embed" in name else depth + 1
         return ids, depth + 1
-
-    def train(self, mode: bool = True):
-        return super().train(mode and not self.locked)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.locked:
-            with torch.no_grad():
-                return self._forward(tokens)
-        return self._forward(tokens)
 
     def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
         mask = tokens != self.pad_id

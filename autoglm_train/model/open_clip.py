@@ -27,6 +27,7 @@ from timm.models import group_parameters
 from torch import nn
 
 from autoglm_train.model.dual_encoder import DualEncoder
+from autoglm_train.model.towers import LockableTower
 from autoglm_train.model.weights import MissingWeightsError, ensure_hub_files
 
 log = logging.getLogger(__name__)
@@ -200,7 +201,7 @@ def trainable(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters())
 
 
-class OpenCLIPImageTower(nn.Module):
+class OpenCLIPImageTower(LockableTower):
     """open_clip's ``visual`` (it pools and projects itself): ``forward`` = ``encode_image`` unnormalized.
 
     ``lock(unlocked_groups)`` is open_clip's: groups counted from the end as open_clip does (for a ViT:
@@ -215,7 +216,6 @@ class OpenCLIPImageTower(nn.Module):
         self.visual = visual
         self.width = width
         self._pretrained_cfg = dict(pretrained_cfg or {})
-        self.locked = False  # wholly locked: run in eval mode without autograd
 
     @property
     def data_config(self) -> dict:
@@ -258,20 +258,15 @@ class OpenCLIPImageTower(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.locked:  # a frozen tower keeps its batch-norm statistics and drops no patches
-            self.visual.eval()
-        elif hasattr(self.visual, "trunk") and not trainable(self.visual.trunk):
+        if not self.locked and hasattr(self.visual, "trunk") and not trainable(self.visual.trunk):
             self.visual.trunk.eval()  # a timm trunk locked under a trainable head: as our locked backbone
         return self
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.locked:
-            with torch.no_grad():
-                return self.visual(images)
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.visual(images)
 
 
-class OpenCLIPTextTower(nn.Module):
+class OpenCLIPTextTower(LockableTower):
     """The text half of an open_clip CLIP, without its image half: ``forward(tokens)`` is open_clip's own
     ``encode_text(tokens, normalize=False)``. For ``CLIP`` the text modules are registered here under
     open_clip's names (so the export is a rename-free copy); for ``CustomTextCLIP`` its ``text`` module.
@@ -288,7 +283,6 @@ class OpenCLIPTextTower(nn.Module):
         self.width = width
         self.context_length = int(clip.context_length)
         self.vocab_size = int(clip.vocab_size)
-        self.locked = False
         bias = getattr(clip, "logit_bias", None)
         if bias is not None:  # SigLIP-style models: kept (not trained here) so the export has it
             self.register_buffer("logit_bias", bias.detach().clone())
@@ -341,16 +335,7 @@ class OpenCLIPTextTower(nn.Module):
             return depth_ids(self.text, "text.", is_embedding)
         return depth_ids(self, "", is_embedding)
 
-    def train(self, mode: bool = True):
-        return super().train(mode and not self.locked)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.locked:
-            with torch.no_grad():
-                return self._encode(tokens)
-        return self._encode(tokens)
-
-    def _encode(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.custom_text:
             return self.text(tokens)
         if tokens.shape[1] != self.context_length:  # open_clip adds every positional embedding

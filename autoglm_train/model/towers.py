@@ -23,7 +23,23 @@ from autoglm_train.model.weights import check_timm_weights, load_into, read_stat
 IMAGE_PREFIXES = ("model.image_tower.backbone.", "image_tower.backbone.", "module.backbone.", "backbone.")
 
 
-class ImageTower(nn.Module):
+class LockableTower(nn.Module):
+    """A tower that can be wholly locked (LiT): it then stays in eval mode (batch-norm statistics kept, no
+    dropout, no patch dropout) and runs without autograd. Subclasses compute in ``_forward``."""
+
+    locked = False
+
+    def train(self, mode: bool = True):
+        return super().train(mode and not self.locked)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.locked:
+            with torch.no_grad():
+                return self._forward(inputs)
+        return self._forward(inputs)
+
+
+class ImageTower(LockableTower):
     """A timm backbone with its classifier removed; outputs pooled features of size ``width``.
 
     ``pretrained``: timm's released weights, from the local Hugging Face cache (or downloaded where the
@@ -71,7 +87,6 @@ class ImageTower(nn.Module):
                 ignore=[f"{c}." for c in classifier],
             )
         self.width = self.backbone.num_features
-        self.locked = False  # wholly locked: run in eval mode without autograd
 
     @property
     def pretrained_cfg(self) -> dict:
@@ -114,20 +129,11 @@ class ImageTower(nn.Module):
         ids = {f"backbone.{n}": gid for gid, names in groups.items() for n in names}
         return ids, max(groups)
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.locked:  # a frozen tower keeps its batch-norm statistics and drops no patches
-            self.backbone.eval()
-        return self
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.locked:
-            with torch.no_grad():
-                return self.backbone(images)
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
 
 
-class TextTower(nn.Module):
+class TextTower(LockableTower):
     """Pre-norm transformer encoder; pools the first ([CLS]) position or the mean of non-padding tokens.
 
     Token id 0 is padding and is masked out of attention.
@@ -154,7 +160,6 @@ class TextTower(nn.Module):
         # would freeze the data-dependent length into the exported graph
         self.trim_padding = True
         self.grad_checkpointing = False
-        self.locked = False
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
         layer = nn.TransformerEncoderLayer(
@@ -197,15 +202,6 @@ class TextTower(nn.Module):
             else:
                 ids[name] = depth + 1
         return ids, depth + 1
-
-    def train(self, mode: bool = True):
-        return super().train(mode and not self.locked)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.locked:
-            with torch.no_grad():
-                return self._forward(tokens)
-        return self._forward(tokens)
 
     def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.shape[1] > self.context_length:
