@@ -48,3 +48,14 @@ def test_identical_embeddings_give_perfect_recall_and_duplicates_are_refused():
     assert retrieval_metrics(image, ids, image, ids)["r1_mean"] == 1.0
     with pytest.raises(ValueError, match="unique"):
         retrieval_metrics(image, torch.zeros(10, dtype=torch.long), image, ids)
+
+
+def test_non_finite_embeddings_are_an_error_not_a_recall():
+    image = F.normalize(torch.randn(8, 4), dim=-1)
+    ids = torch.arange(8)
+    text = image.clone()
+    text[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="1 of 8 text embeddings are not finite"):
+        retrieval_metrics(image, ids, text, ids)
+    with pytest.raises(ValueError, match="8 of 8 image embeddings"):
+        retrieval_metrics(torch.full_like(image, float("inf")), ids, image, ids)

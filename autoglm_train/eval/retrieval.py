@@ -41,6 +41,13 @@ def retrieval_metrics(
     if len(torch.unique(image_ids)) != len(image_ids):
         raise ValueError("image ids must be unique: the same image appears twice in the evaluation set")
     image_emb, text_emb = image_emb.float(), text_emb.float()
+    for name, emb in (("image", image_emb), ("text", text_emb)):
+        # NaN similarities still rank (topk puts them somewhere), which would read as a plausible recall
+        bad = int((~torch.isfinite(emb)).any(dim=1).sum())
+        if bad:
+            raise ValueError(
+                f"{bad} of {emb.shape[0]} {name} embeddings are not finite (NaN or inf): a diverged model"
+            )
     i2t = _hits_at_k(image_emb, image_ids, text_emb, text_image_ids, ks, chunk_size)
     t2i = _hits_at_k(text_emb, text_image_ids, image_emb, image_ids, ks, chunk_size)
     out = {f"i2t_r{k}": v for k, v in i2t.items()} | {f"t2i_r{k}": v for k, v in t2i.items()}
