@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
@@ -41,14 +40,9 @@ def check_model_weights(model_cfg: DictConfig) -> None:
             "model.image_tower.checkpoint=PATH (a checkpoint of ours, e.g. from make train, or a "
             ".safetensors/.pth/.bin file) or model.image_tower.pretrained=true"
         )
-    if image.get("pretrained") and image.get("checkpoint"):
-        raise ValueError("model.image_tower: give pretrained=true or checkpoint=PATH, not both")
-    if image.get("pretrained"):
-        from autoglm_train.model.weights import check_timm_weights
+    from autoglm_train.model.towers import check_image_weights
 
-        check_timm_weights(image.name)
-    if image.get("checkpoint") and not Path(image.checkpoint).is_file():
-        raise FileNotFoundError(f"model.image_tower.checkpoint={image.checkpoint}: file not found")
+    check_image_weights(image.name, bool(image.get("pretrained")), image.get("checkpoint"))
     if family == "hf":
         from autoglm_train.model.hf_text import check_hf_weights
 
@@ -104,14 +98,15 @@ def split_optimizer_config(cfg: DictConfig) -> tuple[DictConfig, float, float]:
 
 def without_weights(model_cfg: DictConfig) -> DictConfig:
     """The architecture alone: the checkpoint holds the weights, so nothing is downloaded or read twice."""
+    family = model_family(model_cfg)
     model_cfg = copy.deepcopy(model_cfg)
     with open_dict(model_cfg):
-        if model_family(model_cfg) == "open_clip":
+        if family == "open_clip":
             # the tag decides details of the architecture (QuickGELU, preprocessing): keep it, read nothing
             model_cfg.load_weights = False
             return model_cfg
         model_cfg.image_tower.pretrained = False
         model_cfg.image_tower.checkpoint = None
-        if model_family(model_cfg) == "hf":
+        if family == "hf":
             model_cfg.text_tower.pretrained = False  # its config.json is still read (name or directory)
     return model_cfg

@@ -9,7 +9,6 @@ checkpoint scores here exactly what its run's final evaluation reported.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 
@@ -23,7 +22,7 @@ log = logging.getLogger(__name__)
 def load_model(cfg: DictConfig):
     """``(model, tokenizer, data config)``: from ``ckpt`` (and its run's data unless ``data=`` is given),
     else from ``cfg.model`` with its released weights."""
-    from autoglm_train.build import build_model, build_tokenizer, check_model_weights
+    from autoglm_train.build import build_model, build_tokenizer, check_model_weights, model_family
 
     if cfg.ckpt:
         from autoglm_train.compress.load import load_trained
@@ -35,7 +34,7 @@ def load_model(cfg: DictConfig):
             "evaluate: without ckpt=PATH, say which shards to score: data=wds data.val_shards=..."
         )
     check_model_weights(cfg.model)
-    if cfg.model.get("_target_", "").endswith("DualEncoder") and not cfg.model.text_tower.get("name"):
+    if model_family(cfg.model) == "ours":
         raise ValueError(
             "evaluate: our own text tower has no released weights; give ckpt=PATH of a trained run, or a "
             "pretrained family (model=open_clip, model/text_tower=hf)"
@@ -51,7 +50,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     from autoglm_train.lit.module import DualEncoderModule
     from autoglm_train.losses.infonce import InfoNCE
     from autoglm_train.losses.objective import Objective
-    from autoglm_train.train import console, print_results, start_run, zeroshot_metrics
+    from autoglm_train.train import finish_run, start_run, zeroshot_metrics
 
     start = time.perf_counter()
     output_dir = start_run(cfg)
@@ -84,9 +83,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         )
     metrics["time/run_s"] = time.perf_counter() - start
     if trainer.is_global_zero:
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        print_results(metrics, output_dir)
-        console.print(f"[bold]Run directory:[/bold] {output_dir}")
+        finish_run(metrics, output_dir)
     return metrics
 
 

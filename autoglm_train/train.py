@@ -258,10 +258,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
     metrics["time/run_s"] = time.perf_counter() - run_start
 
     if trainer.is_global_zero:
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        print_results(metrics, output_dir)
-        console.print(f"[bold]Run directory:[/bold] {output_dir}")
+        finish_run(metrics, output_dir)
     return metrics
+
+
+def finish_run(metrics: dict[str, float], output_dir: Path) -> None:
+    """What every entry point does last, on rank 0: metrics.json, the results table, the run directory."""
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    print_results(metrics, output_dir)
+    console.print(f"[bold]Run directory:[/bold] {output_dir}")
 
 
 def entry(cfg: DictConfig) -> float:

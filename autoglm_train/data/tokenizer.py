@@ -8,7 +8,6 @@ position and mask the padding; a Hugging Face tokenizer adds its own special tok
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -96,7 +95,7 @@ def tokenizer_from_json(text: str, context_length: int):
     from autoglm_train.data.open_clip_tokenizer import OpenCLIPTokenizer, is_open_clip_tokenizer_json
 
     if is_open_clip_tokenizer_json(text):
-        return OpenCLIPTokenizer.from_spec(json.loads(text))
+        return OpenCLIPTokenizer.from_json(text)
     return CaptionTokenizer.from_json(text, context_length)
 
 

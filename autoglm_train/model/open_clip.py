@@ -391,21 +391,15 @@ def open_clip_model(
     pretrained: str | None = None,
     model_config: str | None = None,
     init_temperature: float | None = None,
-    learn_temperature: bool = True,
-    max_logit_scale: float = 100.0,
-    lock_image: bool = False,
-    lock_image_unlocked_groups: int = 0,
-    lock_image_freeze_bn: bool = False,
-    lock_text: bool = False,
-    lock_text_unlocked_layers: int = 0,
-    grad_checkpointing: bool = False,
-    compile: bool = False,
     image_tower: Mapping | None = None,
     text_tower: Mapping | None = None,
     load_weights: bool = True,
+    **options,
 ) -> DualEncoder:
     """A ``DualEncoder`` over open_clip model ``name`` (``pretrained``: a release tag, a weights file, or
-    None for random init). ``init_temperature=None`` keeps the weights' own temperature.
+    None for random init). ``init_temperature=None`` keeps the weights' own temperature; ``options`` go
+    to ``DualEncoder`` as they are (``learn_temperature``, ``max_logit_scale``, the ``lock_*`` keys,
+    ``grad_checkpointing``, ``compile``).
     ``load_weights=False`` builds what the weights need (QuickGELU, preprocessing of a tag) without
     reading or checking them: for a checkpoint of ours about to be loaded over it."""
     name = name.replace("/", "-")  # open_clip's spelling: ViT-B/16 -> ViT-B-16
@@ -431,15 +425,7 @@ def open_clip_model(
         embed_dim=embed_dim,
         projection_kind="none",
         init_temperature=init_temperature if init_temperature is not None else math.exp(-log_scale),
-        learn_temperature=learn_temperature,
-        max_logit_scale=max_logit_scale,
-        lock_image=lock_image,
-        lock_image_unlocked_groups=lock_image_unlocked_groups,
-        lock_image_freeze_bn=lock_image_freeze_bn,
-        lock_text=lock_text,
-        lock_text_unlocked_layers=lock_text_unlocked_layers,
-        grad_checkpointing=grad_checkpointing,
-        compile=compile,
+        **options,
     )
     if init_temperature is None:  # bit-exact, not through 1/exp(.)
         with torch.no_grad():

@@ -8,6 +8,8 @@ Every tower speaks one small protocol that the dual encoder, the optimizer and t
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import timm
 import timm.data
 import torch
@@ -39,6 +41,17 @@ class LockableTower(nn.Module):
         return self._forward(inputs)
 
 
+def check_image_weights(name: str, pretrained: bool, checkpoint: str | None) -> None:
+    """The weights an image tower is asked to load are here: timm's release in the local cache (or
+    downloadable), or an existing local file. Cheap: run before anything expensive."""
+    if pretrained and checkpoint:
+        raise ValueError("model.image_tower: give pretrained=true or checkpoint=PATH, not both")
+    if pretrained:
+        check_timm_weights(name)
+    if checkpoint and not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"model.image_tower.checkpoint={checkpoint}: file not found")
+
+
 class ImageTower(LockableTower):
     """A timm backbone with its classifier removed; outputs pooled features of size ``width``.
 
@@ -58,12 +71,9 @@ class ImageTower(LockableTower):
         **timm_kwargs,
     ):
         super().__init__()
-        if pretrained and checkpoint:
-            raise ValueError("model.image_tower: give pretrained=true or checkpoint=PATH, not both")
+        check_image_weights(name, pretrained, checkpoint)
         if not 0.0 <= patch_dropout < 1.0:
             raise ValueError(f"model.image_tower.patch_dropout must be in [0, 1), got {patch_dropout}")
-        if pretrained:
-            check_timm_weights(name)
         if patch_dropout:
             timm_kwargs["patch_drop_rate"] = patch_dropout
         self.name = name
