@@ -29,7 +29,11 @@ def data_env(shapes_dir):
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory) -> TinyCLIP:
-    return TinyCLIP(tmp_path_factory.mktemp("tiny_clip_eval"), "tiny-clip-eval")
+    tiny = TinyCLIP(tmp_path_factory.mktemp("tiny_clip_eval"), "tiny-clip-eval")
+    # weights of another seed than the runs' (0): a model built without them would initialise identically
+    torch.manual_seed(1)
+    torch.save(open_clip.create_model(tiny.name).state_dict(), tiny.weights)
+    return tiny
 
 
 def evaluate_run(overrides: list[str], run_dir: Path) -> dict:
