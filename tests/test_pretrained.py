@@ -441,7 +441,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(bert_dir):
     # the Hugging Face tower's own switch
     hf = HFTextTower(str(bert_dir), context_length=8)
     hf.set_grad_checkpointing(True)
-    assert hf.model.is_gradient_checkpointing
+    assert hf.model.is_activation_checkpointing
 
 
 def test_gradient_checkpointing_with_gradient_caching_equals_the_full_batch():

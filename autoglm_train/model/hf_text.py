@@ -95,7 +95,13 @@ class HFTextTower(LockableTower):
         self.locked = unlocked_layers <= 0
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
+        # transformers 5 renamed gradient_* to activation_checkpointing_* (old names warn); 4.x has only those
+        if hasattr(self.model, "activation_checkpointing_enable"):
+            if enable:
+                self.model.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                self.model.activation_checkpointing_disable()
+        elif enable:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
             self.model.gradient_checkpointing_disable()
