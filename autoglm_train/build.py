@@ -4,15 +4,18 @@ names, whether its weights are here, its tokenizer, the model sized by that toke
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import time
+from pathlib import Path
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from autoglm_train.data.shards import iter_captions
 from autoglm_train.data.tokenizer import CaptionTokenizer, tokenizer_from_json, train_bpe
+from autoglm_train.distributed.launch import made_once_per_launch
+from autoglm_train.model.weights import load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,7 @@ def build_tokenizer(cfg: DictConfig, model_cfg: DictConfig, train_shards, captio
     ``tokenizer.path``; else a BPE trained on the training captions."""
     if ckpt_path:
         # mmap: only the tokenizer entry is read, not gigabytes of weights
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True).get("tokenizer_json")
+        saved = load_checkpoint(ckpt_path, mmap=True).get("tokenizer_json")
         if saved:
             return tokenizer_from_json(saved, cfg.context_length)
     family = model_family(model_cfg)
@@ -73,6 +76,26 @@ def build_tokenizer(cfg: DictConfig, model_cfg: DictConfig, train_shards, captio
         "trained a BPE tokenizer (%d tokens) in %.1fs", tokenizer.vocab_size, time.perf_counter() - start
     )
     return tokenizer
+
+
+def build_run_tokenizer(
+    cfg: DictConfig, model_cfg: DictConfig, train_shards, caption_key: str, ckpt_path, path: str | Path
+):
+    """``build_tokenizer`` once per run: rank 0 builds it (a BPE is trained on rank 0 alone) and writes it
+    to ``path`` (the run's ``tokenizer.json``); the other ranks wait for that file and read it, so every
+    rank holds the same tokenizer and no two write the file at once."""
+    built = []
+
+    def build_and_save(tmp: Path) -> None:
+        built.append(build_tokenizer(cfg, model_cfg, train_shards, caption_key, ckpt_path))
+        built[0].save(tmp)
+
+    inputs = (OmegaConf.to_yaml(cfg), OmegaConf.to_yaml(model_cfg), train_shards, caption_key, ckpt_path)
+    inputs_key = hashlib.sha256(repr(inputs).encode()).hexdigest()[:16]
+    text = made_once_per_launch(path, build_and_save, inputs_key)
+    # rank 0 keeps the object it built (what a single-process run always had); the others read its JSON,
+    # as a resumed run reads a checkpoint's
+    return built[0] if built else tokenizer_from_json(text, cfg.context_length)
 
 
 def build_model(model_cfg: DictConfig, tokenizer):

@@ -1,26 +1,34 @@
 """Embed a shard set with an exported model, and answer text -> image queries from the embeddings.
 
-    python -m autoglm_train.embed --model EXPORT_DIR --shards 'data/shapes/val-{000000..000000}.tar' \\
-        --out embeddings.pt
-    python -m autoglm_train.embed --model EXPORT_DIR --index embeddings.pt --query "a red circle" --k 5
+    python -m autoglm_train.embed --model EXPORT_DIR --shards 'data/shapes/<spec>/val-*.tar' \\
+        --out embeddings
+    python -m autoglm_train.embed --model EXPORT_DIR --index embeddings --query "a red circle" --k 5
 
 The model is what ``python -m autoglm_train.compress`` exported (TorchScript encoders + tokenizer), so
-this works for the original and every compressed variant alike.
+this works for the original and every compressed variant alike. The index is a directory holding no
+pickle, so reading one handed over by someone else runs no code: ``embeddings.safetensors`` (the image
+embeddings, one row per sample) and ``index.json`` (sample ids, first captions, shards, model, skips).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import timm.data
 import torch
+from safetensors.torch import load_file, save
 from tqdm import tqdm
 
 from autoglm_train.compress.export import load_exported
 from autoglm_train.data.shards import SkipCounter, existing_shards, usable_samples
+from autoglm_train.utils.files import atomic_write_bytes, atomic_write_json
+
+INDEX_FORMAT = 1
+EMBEDDINGS_FILE, INDEX_FILE = "embeddings.safetensors", "index.json"
 
 
 def image_batches(
@@ -65,6 +73,33 @@ def embed_shards(model_dir: str | Path, shards, batch_size: int = 128, progress:
     }
 
 
+def save_index(index: dict, out: str | Path) -> None:
+    """``embed_shards``' result as a directory: embeddings (safetensors) first, then the JSON that
+    describes them, so an index whose JSON exists is complete."""
+    out = Path(out)
+    if out.is_file():
+        raise ValueError(f"{out} is a file: an index is a directory ({EMBEDDINGS_FILE} + {INDEX_FILE})")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / EMBEDDINGS_FILE, save({"image": index["image"].contiguous()}))
+    meta = {k: v for k, v in index.items() if k != "image"}
+    atomic_write_json(out / INDEX_FILE, {"format": INDEX_FORMAT, **meta}, indent=1, ensure_ascii=False)
+
+
+def load_index(path: str | Path) -> dict:
+    """What ``save_index`` wrote: the same dict ``embed_shards`` returned."""
+    path = Path(path)
+    if not (path / INDEX_FILE).is_file():
+        hint = " (indexes written as .pt pickles are no longer read: embed again)" if path.is_file() else ""
+        raise FileNotFoundError(f"{path}: no embedding index ({INDEX_FILE}) there{hint}")
+    meta = json.loads((path / INDEX_FILE).read_text(encoding="utf-8"))
+    if meta.get("format") != INDEX_FORMAT:
+        raise ValueError(f"{path}: index format {meta.get('format')}, expected {INDEX_FORMAT}")
+    image = load_file(str(path / EMBEDDINGS_FILE))["image"]
+    if image.shape[0] != len(meta["ids"]):
+        raise ValueError(f"{path}: {image.shape[0]} embeddings for {len(meta['ids'])} ids")
+    return {**meta, "image": image}
+
+
 @torch.no_grad()
 def query(exported: dict, index: dict, text: str, k: int = 5) -> list[tuple[float, str, str]]:
     """Top-k images for ``text`` (``exported``: ``load_exported``'s result): (cosine score, sample id, its
@@ -83,8 +118,8 @@ def main(argv=None) -> int:
         "--model", required=True, help="an export directory (python -m autoglm_train.compress)"
     )
     parser.add_argument("--shards", help="shards to embed (brace pattern or glob)")
-    parser.add_argument("--out", help="where to write the embeddings (.pt)")
-    parser.add_argument("--index", help="embeddings written by --out, to query")
+    parser.add_argument("--out", help="directory to write the index to (embeddings + JSON)")
+    parser.add_argument("--index", help="an index directory written by --out, to query")
     parser.add_argument("--query", action="append", help="text to search for (repeatable)")
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -96,12 +131,12 @@ def main(argv=None) -> int:
         index = None
         if args.shards:
             index = embed_shards(args.model, args.shards, args.batch_size, progress=not args.no_progress)
-            torch.save(index, args.out)
+            save_index(index, args.out)
             print(
                 f"{len(index['ids'])} image embeddings -> {args.out} (skipped: {index['skipped'] or 'none'})"
             )
         if args.query:
-            index = index or torch.load(args.index, weights_only=False)
+            index = index or load_index(args.index)
             exported = load_exported(args.model)
             for text in args.query:
                 print(f"\n{text!r}:")

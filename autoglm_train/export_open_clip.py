@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from autoglm_train.compress.load import load_trained, run_dir_of
 from autoglm_train.model.open_clip import export_open_clip_state_dict, open_clip_load_call, open_clip_spec
+from autoglm_train.model.weights import load_checkpoint
 
 OPEN_CLIP_TARGET = "autoglm_train.model.open_clip.open_clip_model"
 ARGS = ("ckpt", "out")
@@ -49,7 +50,7 @@ def check_trained_with_open_clip(ckpt: Path) -> None:
 
 def trained_logit_bias(ckpt: Path) -> torch.Tensor | None:
     """A SigLIP loss's learned bias, kept beside the model in the checkpoint (None without one)."""
-    state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("state_dict", {})
+    state = load_checkpoint(ckpt, mmap=True).get("state_dict", {})
     biases = [v for k, v in state.items() if k.endswith(".logit_bias") and not k.startswith("model.")]
     return biases[0].detach().reshape(-1)[0] if biases else None
 

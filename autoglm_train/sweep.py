@@ -8,6 +8,7 @@ directory: ``metrics.json`` (succeeded) or ``failed.json`` (failed, with the err
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from autoglm_train.utils.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +65,11 @@ def write_summary(sweep_dir: str | Path, metric: str = "val/r1_mean") -> list[di
         r.update({k: r["_params"].get(k, "") for k in swept})
     metrics = [metric] + [m for m in SUMMARY_METRICS if m != metric]
     columns = ["run", "status", *swept, *metrics, "error"]
-    with open(sweep_dir / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*columns, "overrides"], extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(runs)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=[*columns, "overrides"], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(runs)
+    atomic_write_text(sweep_dir / "summary.csv", table.getvalue())
 
     def cell(row: dict, key: str) -> str:
         value = row.get(key, "")
@@ -75,8 +79,9 @@ def write_summary(sweep_dir: str | Path, metric: str = "val/r1_mean") -> list[di
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r, c) for c in columns) + " |" for r in runs]
-    (sweep_dir / "summary.md").write_text(
-        f"# Sweep summary ({sweep_dir})\n\nSorted by `{metric}`.\n\n" + "\n".join(lines) + "\n"
+    atomic_write_text(
+        sweep_dir / "summary.md",
+        f"# Sweep summary ({sweep_dir})\n\nSorted by `{metric}`.\n\n" + "\n".join(lines) + "\n",
     )
     return runs
 

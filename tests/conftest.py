@@ -82,6 +82,12 @@ def shapes_dir(tmp_path_factory) -> Path:
     return data_dir
 
 
+def shapes_set(data_dir: Path) -> Path:
+    """The directory of the one shapes set in ``data_dir`` (each spec gets its own under ``shapes/``)."""
+    (found,) = {p.parent for p in (data_dir / "shapes").glob("*/manifest.json")}
+    return found
+
+
 def compose_config(overrides: list[str], output_dir: Path, config_name: str = "train"):
     """Compose like the entry point does, with the Hydra runtime set so ${hydra:...} resolves."""
     GlobalHydra.instance().clear()

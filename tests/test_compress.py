@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY
+from conftest import TINY, shapes_set
 
 from autoglm_train.compress.export import export_model
 from autoglm_train.compress.prune import convert_text_tower, estimate_flops
 from autoglm_train.compress.quantize import quantize_model
 from autoglm_train.compress.report import count_flops
 from autoglm_train.data.tokenizer import train_bpe
+from autoglm_train.embed import load_index
 from autoglm_train.embed import main as embed_main
 from autoglm_train.model.dual_encoder import DualEncoder
 from autoglm_train.model.towers import ImageTower, TextTower
@@ -133,7 +134,7 @@ def test_exported_model_loads_in_a_fresh_process_without_our_code(model, tokeniz
 
 def test_embed_writes_an_index_and_answers_text_queries(model, tokenizer, shapes_dir, tmp_path, capsys):
     export_model(model, tokenizer, tmp_path / "export", PREPROCESS, batch(tokenizer)[0])
-    shards = str(shapes_dir / "shapes" / "val-*.tar")
+    shards = str(shapes_set(shapes_dir) / "val-*.tar")
     code = embed_main(
         [
             "--model",
@@ -141,7 +142,7 @@ def test_embed_writes_an_index_and_answers_text_queries(model, tokenizer, shapes
             "--shards",
             shards,
             "--out",
-            str(tmp_path / "i.pt"),
+            str(tmp_path / "index"),
             "--query",
             "a red circle",
             "--k",
@@ -150,10 +151,36 @@ def test_embed_writes_an_index_and_answers_text_queries(model, tokenizer, shapes
         ]
     )
     assert code == 0
-    index = torch.load(tmp_path / "i.pt", weights_only=False)
-    assert index["image"].shape == (200, 32) and len(index["ids"]) == 200
+    # no pickle: tensors in safetensors, the rest JSON
+    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == ["embeddings.safetensors", "index.json"]
+    index = load_index(tmp_path / "index")
+    assert index["image"].shape == (200, 32) and len(index["ids"]) == len(index["captions"]) == 200
     printed = capsys.readouterr().out
     assert "200 image embeddings" in printed and "'a red circle':" in printed and "  3. " in printed
+    # querying the saved index answers as the fresh one did
+    assert (
+        embed_main(
+            [
+                "--model",
+                str(tmp_path / "export"),
+                "--index",
+                str(tmp_path / "index"),
+                "--query",
+                "a red circle",
+                "--k",
+                "3",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.split("'a red circle':")[1] == printed.split("'a red circle':")[1]
+    # an index of the old format (a torch pickle) is not unpickled
+    torch.save(index, tmp_path / "old.pt")
+    assert (
+        embed_main(["--model", str(tmp_path / "export"), "--index", str(tmp_path / "old.pt"), "--query", "x"])
+        == 2
+    )
+    assert "no longer read" in capsys.readouterr().err
     assert (
         embed_main(
             [

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
+from conftest import shapes_set
 from PIL import Image
 
 from autoglm_train.data.shapes import generate, write_shapes_shards
@@ -39,23 +40,57 @@ def test_shapes_are_deterministic_and_held_out_captions_unique(tmp_path):
     assert "at the" in captions[0] and captions[0].startswith("a ")
 
 
+SMALL_SPEC = {"n_train": 120, "n_val": 40, "image_size": 16, "samples_per_shard": 50, "val_shards": 2}
+
+
+def mtimes(shards: dict[str, list[str]]) -> dict[str, int]:
+    return {p: Path(p).stat().st_mtime_ns for paths in shards.values() for p in paths}
+
+
+def sample_count(shards: list[str]) -> int:
+    return sum(1 for _ in wds.WebDataset(shards, shardshuffle=False, empty_check=False))
+
+
 def test_shapes_written_once_and_reused(tmp_path):
     out = tmp_path / "shapes"
-    made = write_shapes_shards(out, n_train=120, n_val=40, image_size=16, samples_per_shard=50, val_shards=2)
+    made = write_shapes_shards(out, **SMALL_SPEC)
     assert len(made["train"]) == 3 and len(made["val"]) == 2
-    stamp = {p: p.stat().st_mtime_ns for p in out.glob("*.tar")}
-    assert (
-        write_shapes_shards(out, n_train=120, n_val=40, image_size=16, samples_per_shard=50, val_shards=2)
-        == made
-    )
-    assert {p: p.stat().st_mtime_ns for p in out.glob("*.tar")} == stamp
-    # another spec regenerates
-    again = write_shapes_shards(out, n_train=60, n_val=40, image_size=16, samples_per_shard=50, val_shards=2)
-    assert len(again["train"]) == 2
+    stamp = mtimes(made)
+    assert write_shapes_shards(out, **SMALL_SPEC) == made
+    assert mtimes(made) == stamp
+
+
+def test_another_spec_is_written_beside_and_the_first_set_stays_readable(tmp_path):
+    out = tmp_path / "shapes"
+    first = write_shapes_shards(out, **SMALL_SPEC)
+    stamp = mtimes(first)
+    second = write_shapes_shards(out, **(SMALL_SPEC | {"n_train": 60}))
+    assert len(second["train"]) == 2 and not set(mtimes(second)) & set(stamp)
+    # a run still reading the first set finds every shard of it, untouched, and whole
+    assert mtimes(first) == stamp
+    assert sample_count(first["train"]) == 120 and sample_count(second["train"]) == 60
+    assert write_shapes_shards(out, **SMALL_SPEC) == first and mtimes(first) == stamp
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not json", "missing shard"])
+def test_a_damaged_set_is_regenerated(tmp_path, damage):
+    out = tmp_path / "shapes"
+    made = write_shapes_shards(out, **SMALL_SPEC)
+    manifest = Path(made["train"][0]).parent / "manifest.json"
+    if damage == "truncated":
+        manifest.write_text(manifest.read_text()[:40])
+    elif damage == "not json":
+        manifest.write_text("[]")
+    else:
+        Path(made["val"][1]).unlink()
+    assert write_shapes_shards(out, **SMALL_SPEC) == made
+    assert json.loads(manifest.read_text())["sizes"] == {"train": 120, "val": 40}
+    assert sample_count(made["train"]) == 120 and sample_count(made["val"]) == 40
+    assert not list(manifest.parent.glob(".staging-*"))
 
 
 def test_train_and_eval_batches(shapes_dir, tokenizer):
-    shards = sorted(str(p) for p in (shapes_dir / "shapes").glob("val-*.tar"))
+    shards = sorted(str(p) for p in shapes_set(shapes_dir).glob("val-*.tar"))
     train = iter(build_pipeline(shards, tokenizer=tokenizer, transform=to_tensor, batch_size=16, train=True))
     batch = next(train)
     assert batch["image"].shape == (16, 3, 32, 32) and batch["text"].shape == (16, 32)
@@ -119,7 +154,7 @@ def test_datamodule_fails_fast_with_hint_when_shards_are_missing(tmp_path):
 
 
 def test_caption_iterator_reads_only_captions(shapes_dir):
-    captions = list(iter_captions(str(shapes_dir / "shapes" / "val-000000.tar"), limit=10))
+    captions = list(iter_captions(str(shapes_set(shapes_dir) / "val-000000.tar"), limit=10))
     assert len(captions) == 20 and all(isinstance(c, str) for c in captions)
 
 
@@ -139,7 +174,7 @@ def test_globs_expand_sorted_and_sizes_give_the_epoch_length(tmp_path):
 
 
 def test_resampled_stream_needs_and_takes_an_epoch_length(tmp_path, shapes_dir, tokenizer):
-    shards = str(shapes_dir / "shapes" / "train-{000000..000002}.tar")
+    shards = str(shapes_set(shapes_dir) / "train-{000000..000002}.tar")
     dm = ShardDataModule(shards, shards, batch_size=50, num_workers=0, image_size=32, resampled=True)
     dm.attach(tokenizer, {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear"})
     with pytest.raises(ValueError, match="data.epoch_samples"):

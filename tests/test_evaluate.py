@@ -10,7 +10,7 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-from conftest import TINY, compose_config, train_run
+from conftest import TINY, compose_config, shapes_set, train_run
 from test_open_clip import TinyCLIP
 from test_train import METRIC_KEYS
 
@@ -84,7 +84,7 @@ def test_an_open_clip_checkpoint_and_released_weights_without_training(data_env,
         assert scored[key] == pytest.approx(trained[key], abs=1e-9), key
 
     # the zero-shot baseline before any fine-tuning: the weights file alone, on a shard set
-    shards = sorted(str(p) for p in (data_env / "shapes").glob("val-*.tar"))
+    shards = sorted(str(p) for p in shapes_set(data_env).glob("val-*.tar"))
     baseline = evaluate_run(
         [*model_args, "data=wds", f"data.val_shards={shards}", "data.image_size=null"], tmp_path / "base"
     )

@@ -250,7 +250,7 @@ def test_hf_text_tower_trains_through_the_configs_with_its_tokenizer_saved(bert_
     finally:
         os.environ.pop("AUTOGLM_DATA_DIR")
     assert metrics["train/steps"] == 4
-    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     hf = CaptionTokenizer.from_pretrained(str(bert_dir), 24)
     saved = tokenizer_from_json(state["tokenizer_json"], 24)
     caption = ["a small cyan diamond at the bottom right"]
@@ -290,7 +290,7 @@ def test_locked_image_tower_from_a_checkpoint_is_bitwise_unchanged_and_the_rest_
         "eval.zeroshot.task=null",
     )
     train.run(cfg)
-    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     prefix = "model.image_tower.backbone."
     last_group = ("layer4.1.",)  # timm's finest grouping of resnet18: stem, 8 blocks; the last one trains
     for key in state:
@@ -317,7 +317,7 @@ def test_locked_image_tower_from_a_checkpoint_is_bitwise_unchanged_and_the_rest_
         output_dir=tmp_path / "resumed",
     )
     assert train.run(resumed)["train/steps"] == 8
-    again = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    again = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     for key in state:
         if not key.startswith(("fc.", *last_group)) and not key.endswith("num_batches_tracked"):
             assert torch.equal(again[prefix + key], state[key]), key  # still locked, still as loaded

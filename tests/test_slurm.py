@@ -179,7 +179,7 @@ def test_faked_slurm_job_is_warned_requeues_and_resumes_in_its_own_run_directory
     log = first.stdout.read()
     assert (tmp_path / "scontrol_calls").read_text().split() == ["requeue", str(job_id)]
     assert "cluster environment: SLURMEnvironment (rank 0 of 1)" in log
-    saved_step = torch.load(hpc, map_location="cpu", weights_only=False)["global_step"]
+    saved_step = torch.load(hpc, map_location="cpu", weights_only=True)["global_step"]
     assert 0 < saved_step < 40
     assert not (run_dir / "metrics.json").exists()
 

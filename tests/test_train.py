@@ -50,7 +50,7 @@ def test_resume_continues_the_step_count(tiny_cfg, tmp_path):
     first = tiny_cfg("trainer.max_steps=7", "trainer.val_check_interval=3", output_dir=tmp_path / "first")
     train.run(first)
     last = tmp_path / "first" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 7
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 7
 
     resumed = tiny_cfg(
         "trainer.max_steps=12",
@@ -61,7 +61,7 @@ def test_resume_continues_the_step_count(tiny_cfg, tmp_path):
     metrics = train.run(resumed)
     assert metrics["train/steps"] == 12
     ckpt = torch.load(
-        tmp_path / "second" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+        tmp_path / "second" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
     )
     assert ckpt["global_step"] == 12
     # the resumed run used the checkpoint's tokenizer, not a new one

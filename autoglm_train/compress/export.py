@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autoglm_train.utils.files import atomic_write_text
+
 FORMAT_VERSION = 1
 
 
@@ -51,7 +53,7 @@ def export_model(
         "context_length": int(tokenizer.context_length),
         "preprocess": preprocess,
     }
-    (out / "export.json").write_text(json.dumps(meta, indent=2))
+    atomic_write_text(out / "export.json", json.dumps(meta, indent=2))
     return out
 
 

@@ -1,17 +1,47 @@
 """A trained dual encoder back from its checkpoint: the run directory's composed config rebuilds the model,
-the checkpoint holds the weights and the tokenizer."""
+the checkpoint holds the weights and the tokenizer.
+
+Both files may come from someone else. The checkpoint is read with torch's weights-only unpickler
+(``model.weights.load_checkpoint``), and the config may name only callables of the libraries a model is
+made of: Hydra would instantiate any ``_target_`` it names (``os.system`` as readily as a tower).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from autoglm_train.build import build_model, without_weights
 from autoglm_train.data.tokenizer import CaptionTokenizer, tokenizer_from_json
 from autoglm_train.model.dual_encoder import DualEncoder
+from autoglm_train.model.weights import load_checkpoint
+
+# what a run's config may instantiate: our code, the libraries towers come from, and Lightning (every run's
+# config names its Trainer, checkpoint callbacks and logger, though loading instantiates none of them)
+ALLOWED_TARGET_PREFIXES = (
+    "autoglm_train.",
+    "timm.",
+    "transformers.",
+    "open_clip.",
+    "torch.",
+    "lightning.pytorch.",
+)
+# ... less what, inside those, reads pickles or fetches and runs code
+REFUSED_TARGET_PREFIXES = (
+    "torch.load",
+    "torch.hub.",
+    "torch.jit.load",
+    "torch.package.",
+    "torch.utils.cpp_extension.",
+    "torch.serialization.",
+)
+
+
+class UnsafeConfigError(ValueError):
+    """A run directory's config that would instantiate something other than a model's parts."""
 
 
 @dataclass
@@ -41,9 +71,45 @@ def load_trained(ckpt: str | Path) -> Trained:
     with open_dict(cfg):
         cfg.paths.output_dir = str(run_dir)  # was ${hydra:runtime.output_dir}, unknown outside that run
     OmegaConf.resolve(cfg)  # parts of it are instantiated alone, away from the keys they point to
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    check_targets(cfg, run_dir / ".hydra" / "config.yaml")
+    state = load_checkpoint(ckpt)
     tokenizer = tokenizer_from_json(state["tokenizer_json"], cfg.tokenizer.context_length)
     model = build_model(without_weights(cfg.model), tokenizer)
     weights = {k[len("model.") :]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(weights)
     return Trained(model.eval(), tokenizer, cfg, run_dir)
+
+
+def check_targets(cfg: DictConfig, source: Path) -> None:
+    """Refuse, before anything is instantiated, a config naming a ``_target_`` outside our code and the
+    model libraries, or code-running remote models (``trust_remote_code``). Checked after resolving, so an
+    interpolation cannot assemble a target the check did not see."""
+    for key, value in walk(cfg):
+        name = key.rsplit(".", 1)[-1]
+        if name == "_target_" and not allowed_target(str(value)):
+            raise UnsafeConfigError(
+                f"{source}: {key}={value} is not a class or function of "
+                f"{', '.join(p.rstrip('.') for p in ALLOWED_TARGET_PREFIXES)} (or it reads pickles or "
+                "runs fetched code); refusing to instantiate it from a run directory's config"
+            )
+        if name == "trust_remote_code" and value:
+            raise UnsafeConfigError(f"{source}: {key}={value} would run code fetched from the hub; refused")
+
+
+def allowed_target(target: str) -> bool:
+    return target.startswith(ALLOWED_TARGET_PREFIXES) and not target.startswith(REFUSED_TARGET_PREFIXES)
+
+
+def walk(node, prefix: str = "") -> Iterator[tuple[str, object]]:
+    """``(dotted key, value)`` of every leaf of a config, lists included (``callbacks.0._target_``)."""
+    if isinstance(node, DictConfig | ListConfig):
+        node = OmegaConf.to_container(node, throw_on_missing=False)
+    if isinstance(node, dict):
+        items = ((str(k), v) for k, v in node.items())
+    elif isinstance(node, list):
+        items = ((str(i), v) for i, v in enumerate(node))
+    else:
+        yield prefix, node
+        return
+    for key, child in items:
+        yield from walk(child, f"{prefix}.{key}" if prefix else key)

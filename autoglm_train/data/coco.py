@@ -37,6 +37,8 @@ from typing import Any
 from filelock import FileLock
 from tqdm import tqdm
 
+from autoglm_train.utils.files import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -366,9 +368,7 @@ def write_shard(path: Path, samples: Sequence[Sample], progress: tqdm) -> None:
 
 def _write_json(path: Path, data: Any) -> None:
     """Atomic: a reader (or a rerun) never sees half a manifest."""
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
 
 
 def check_previous_run(out: Path, shard_size: int, digest: str) -> None:
@@ -402,7 +402,11 @@ def check_previous_run(out: Path, shard_size: int, digest: str) -> None:
 
 def discard_temporaries(out: Path) -> None:
     """A temporary file is a shard or report an interrupted run did not finish: never worth keeping."""
-    for tmp in [*out.glob(f"*.tar{TMP_SUFFIX}"), *out.glob(f"*.json{TMP_SUFFIX}")]:
+    for tmp in [
+        *out.glob(f"*.tar{TMP_SUFFIX}"),
+        *out.glob(f"*.json{TMP_SUFFIX}"),
+        *out.glob(".*.json.*.tmp"),
+    ]:
         log.info("discarding %s left by an interrupted run", tmp.name)
         tmp.unlink()
 

@@ -8,11 +8,15 @@ Held-out captions are unique across images, so R@1 is well defined.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
 import math
+import os
 import random
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -21,6 +25,8 @@ from pathlib import Path
 import webdataset as wds
 from filelock import FileLock
 from PIL import Image, ImageDraw
+
+from autoglm_train.utils.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -138,14 +144,22 @@ class ShapesSpec:
     val_shards: int = 4  # several, so evaluation can be sharded over ranks and workers
 
 
-def write_shapes_shards(out_dir: str | Path, **spec_kwargs) -> dict[str, list[str]]:
-    """Write train/val shards under ``out_dir`` unless shards of the same spec are already there.
+def spec_key(spec: ShapesSpec) -> str:
+    """A short name for a spec: its shards live in ``<out_dir>/<spec_key>/``."""
+    text = json.dumps({"format": FORMAT_VERSION, **asdict(spec)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
-    Returns ``{"train": [paths], "val": [paths]}``. The manifest is written last, so an interrupted
-    generation is redone, never half-used; a file lock keeps concurrent processes (ranks) from racing.
+
+def write_shapes_shards(out_dir: str | Path, **spec_kwargs) -> dict[str, list[str]]:
+    """Write train/val shards under ``out_dir/<spec_key>/`` unless that spec's shards are already there.
+
+    Returns ``{"train": [paths], "val": [paths]}``. Each spec has its own directory, so making one set
+    never touches another that a running job may be reading. The manifest is written last (atomically),
+    so an interrupted generation is redone, never half-used; a file lock per spec keeps concurrent
+    processes (ranks, runs) from generating the same set at once.
     """
     spec = ShapesSpec(**spec_kwargs)
-    out = Path(out_dir)
+    out = Path(out_dir) / spec_key(spec)
     out.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out / ".lock")):
         manifest = _read_manifest(out, {"format": FORMAT_VERSION, **asdict(spec)})
@@ -155,38 +169,49 @@ def write_shapes_shards(out_dir: str | Path, **spec_kwargs) -> dict[str, list[st
 
 
 def _read_manifest(out: Path, want: dict) -> dict | None:
+    """The manifest if it describes a complete set of this spec; None (regenerate) otherwise, a
+    truncated or unreadable manifest included."""
     path = out / "manifest.json"
     if not path.exists():
         return None
-    manifest = json.loads(path.read_text())
-    names = [n for names in manifest.get("splits", {}).values() for n in names]
+    try:
+        manifest = json.loads(path.read_text())
+        names = [n for names in manifest["splits"].values() for n in names]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+        log.info("shapes manifest %s is unreadable (%s); regenerating", path, exc)
+        return None
     if manifest.get("spec") == want and names and all((out / n).exists() for n in names):
         return manifest
-    log.info("shapes shards in %s were made with another spec or are incomplete; regenerating", out)
-    path.unlink()
+    log.info("shapes shards in %s are incomplete or of another spec; regenerating", out)
     return None
 
 
 def _write(out: Path, spec: ShapesSpec) -> dict:
     start = time.perf_counter()
+    (out / "manifest.json").unlink(missing_ok=True)  # until the new set is whole, it is not a set
+    for leftover in out.glob(".staging-*"):  # a killed generation's; the lock says none is running now
+        shutil.rmtree(leftover, ignore_errors=True)
     splits: dict[str, list[str]] = {}
     plan = (
         ("train", spec.n_train, False, spec.samples_per_shard),
         ("val", spec.n_val, True, max(1, math.ceil(spec.n_val / spec.val_shards))),
     )
-    for split, n, unique, per_shard in plan:
-        for old in out.glob(f"{split}-*.tar"):
-            old.unlink()
-        with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
-            for sample in generate(n, spec.seed, split, unique, spec.image_size):
-                sink.write(sample)
-        splits[split] = sorted(p.name for p in out.glob(f"{split}-*.tar"))
+    with tempfile.TemporaryDirectory(dir=out, prefix=".staging-") as staging:
+        for split, n, unique, per_shard in plan:
+            pattern = str(Path(staging) / f"{split}-%06d.tar")
+            with wds.ShardWriter(pattern, maxcount=per_shard, verbose=0) as sink:
+                for sample in generate(n, spec.seed, split, unique, spec.image_size):
+                    sink.write(sample)
+            splits[split] = sorted(p.name for p in Path(staging).glob(f"{split}-*.tar"))
+        # renamed, never rewritten in place: a reader holding an old copy keeps reading it whole
+        for shard in Path(staging).glob("*.tar"):
+            os.replace(shard, out / shard.name)
     manifest = {
         "spec": {"format": FORMAT_VERSION, **asdict(spec)},
         "splits": splits,
         "sizes": {"train": spec.n_train, "val": spec.n_val},
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
     log.info(
         "wrote %d train + %d val shapes samples to %s in %.1fs",
         spec.n_train,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +25,10 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
 class MissingWeightsError(FileNotFoundError):
     """Released weights that are neither in the local cache nor downloadable from here."""
+
+
+class UnsafeCheckpointError(ValueError):
+    """A pickled file that would build objects other than plain weights and data (and so could run code)."""
 
 
 def hub_cache() -> str:
@@ -115,6 +121,37 @@ def check_timm_weights(name: str) -> None:
 
 
 # --- local files ----------------------------------------------------------------------------------------
+def load_checkpoint(path: str | Path, mmap: bool = False):
+    """A torch pickle (one of our checkpoints, a ``.pt``/``.pth``/``.bin`` weights file) on the CPU, read
+    with torch's weights-only unpickler: a file handed to us must not run code when read.
+
+    Our checkpoints need nothing beyond its default allow-list (tensors, numbers, strings, lists, tuples,
+    dicts, ``OrderedDict``, ``Counter``, sets): Lightning's state, hyper-parameters that are numbers, the
+    tokenizer as JSON text, ``random`` states as tuples. So nothing is added to it. ``mmap``: tensors are
+    read only when used (the tokenizer of a large checkpoint without its weights)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"{path} contains objects that are not plain weights ({', '.join(unsafe_globals(path, exc))}); "
+            "we refuse to unpickle it, since unpickling them could run any code. Our own checkpoints never "
+            "need this: load the file only if you trust where it came from, and convert it to plain "
+            "tensors (or .safetensors) there."
+        ) from exc
+
+
+def unsafe_globals(path: str | Path, exc: Exception) -> list[str]:
+    """The globals the weights-only unpickler refused: from its message, else by scanning the file (which
+    reads the pickle's opcodes and runs nothing)."""
+    named = re.findall(r"GLOBAL ([\w.]+)", str(exc))
+    if named:
+        return list(dict.fromkeys(named))
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path) or ["unknown global"]
+    except Exception:  # not a zip checkpoint: the message is all there is
+        return ["unknown global"]
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors``, ``.pth``/``.pt``/``.bin`` file, or of one of our Lightning
     checkpoints (``.ckpt``). Wrappers (``state_dict``, ``model``, ``module``) are unwrapped."""
@@ -127,8 +164,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu")
-    # weights_only: a weights file must not run code when read; our checkpoints hold plain data only
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    state = load_checkpoint(path, mmap=True)
     for key in ("state_dict", "model", "module", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -1,0 +1,73 @@
+"""Files that are whole or absent: what a run, a sweep or a generator leaves for others to read.
+
+A reader (a sweep summary, a resumed job, another rank) may look at any moment, and a job may be killed
+at any moment (Slurm's time limit, a preemption, Ctrl-C): a file written in place can be seen, or left,
+half-written. Writing beside it and renaming over it gives readers the old file or the new, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_with(path: str | Path, write_to: Callable[[Path], None]) -> None:
+    """Replace ``path`` all at once by what ``write_to(tmp)`` writes to a temporary path in the same
+    directory (a rename is atomic only within one file system): written, flushed to disk, renamed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write_to(tmp)
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    atomic_write_with(path, lambda tmp: _write_new_file(tmp, data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """``atomic_write_bytes`` of ``text`` in UTF-8, newlines as given."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, data: Any, **dumps_kwargs) -> None:
+    atomic_write_text(path, json.dumps(data, **dumps_kwargs) + "\n")
+
+
+def _write_new_file(path: Path, data: bytes) -> None:
+    # os.open with 0o666: the file gets the umask's permissions, as a plain write would (mkstemp's are 0600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _fsync_file(path: Path) -> None:
+    # without it a power loss after the rename can leave the new name pointing at empty blocks
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_directory(directory: Path) -> None:
+    # the rename itself is durable only once the directory is; some file systems refuse (best effort)
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
