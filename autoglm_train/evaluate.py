@@ -47,11 +47,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import RichProgressBar
 
+    from autoglm_train.config_check import check_evaluate_config
     from autoglm_train.lit.module import DualEncoderModule
     from autoglm_train.losses.infonce import InfoNCE
     from autoglm_train.losses.objective import Objective
     from autoglm_train.train import finish_run, start_run, zeroshot_metrics
 
+    check_evaluate_config(cfg)  # every bad value at once, before a checkpoint or weights are read
     start = time.perf_counter()
     output_dir = start_run(cfg)
 

@@ -81,3 +81,32 @@ def test_scheduled_temperature_replaces_the_learned_scale():
     expected = Objective({"infonce": InfoNCE()})(image, text, torch.tensor(20.0))["loss"]
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
     assert math.isfinite(out["loss"].item())
+
+
+def test_a_scheduled_temperature_is_clamped_like_the_learned_scale():
+    """The learned logit scale stops at max_logit_scale; a schedule towards 0 stops there too, and the
+    temperature logged is the one used."""
+    image, text = (x.detach().float() for x in embeddings(5, 8, seed=4))
+    objective = Objective(
+        {"infonce": InfoNCE()}, temperature=Linear(0.1, 0.001, steps=10), max_logit_scale=50.0
+    )
+    unclamped = objective(image, text, torch.tensor(1.0), step=0)
+    assert unclamped["sched/temperature"].item() == pytest.approx(0.1)
+    clamped = objective(image, text, torch.tensor(1.0), step=10)  # the schedule says 0.001, i.e. scale 1000
+    assert clamped["sched/temperature"].item() == pytest.approx(1 / 50.0)
+    at_max = Objective({"infonce": InfoNCE()})(image, text, torch.tensor(50.0))["loss"]
+    assert clamped["loss"].item() == pytest.approx(at_max.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="max_logit_scale"):
+        Objective({"infonce": InfoNCE()}, max_logit_scale=0.0)
+
+
+@pytest.mark.parametrize("model", ["small", "open_clip"])
+def test_the_loss_config_clamps_at_the_models_max_logit_scale(model, tmp_path):
+    from conftest import compose_config
+    from hydra.utils import instantiate
+
+    cfg = compose_config(
+        [f"model={model}", "model.max_logit_scale=40", "loss.temperature_schedule=cosine"], tmp_path
+    )
+    objective = instantiate(cfg.loss.objective)
+    assert objective.min_temperature == pytest.approx(1 / 40)

@@ -20,7 +20,9 @@ from autoglm_train.compress.load import load_trained
 from autoglm_train.compress.quantize import quantize_model
 from autoglm_train.compress.recover import evaluate, finetune, frozen_copy
 from autoglm_train.compress.report import count_flops, file_size, markdown_table, measure_latency, sweep_plot
+from autoglm_train.config_check import check_compress_config
 from autoglm_train.losses.infonce import infonce_loss
+from autoglm_train.utils.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 console = Console()
@@ -111,6 +113,7 @@ def describe(name, model, source, val_batches, export_dir, example, tokenizer, p
 
 
 def run(cfg: DictConfig) -> dict:
+    check_compress_config(cfg)  # every bad value at once, before the checkpoint is loaded
     L.seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -176,12 +179,12 @@ def run(cfg: DictConfig) -> dict:
         "sweep": sweep,
     }
     table = markdown_table(rows)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     text = f"# Compression report\n\nCheckpoint: `{cfg.ckpt}`\n\n{table}\n"
     if sweep:
         sweep_plot(sweep, out / "pruning_sweep.png")
         text += "\n![pruning sweep](pruning_sweep.png)\n"
-    (out / "report.md").write_text(text)
+    atomic_write_text(out / "report.md", text)
     console.print(table)
     console.print(f"[bold]Run directory:[/bold] {out}")
     return report
