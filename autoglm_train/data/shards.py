@@ -9,13 +9,19 @@ worker processes whose counters the training process cannot see.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
 import json
 import logging
+import os
 import random
-from collections import Counter
+import shutil
+import signal
+import tempfile
+import weakref
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +29,7 @@ from pathlib import Path
 import torch
 import webdataset as wds
 from PIL import Image
+from torch.utils.data import DataLoader, get_worker_info
 from webdataset.filters import _shuffle
 
 log = logging.getLogger(__name__)
@@ -33,6 +40,10 @@ AUGMENT_CHUNK = 32  # images transformed per swap of the stream's random states
 
 class NoUsableSamplesError(RuntimeError):
     pass
+
+
+class ShardStallError(RuntimeError):
+    """No batch from the data loader within ``data.timeout`` seconds; names the shards being read."""
 
 
 def is_local(url: str) -> bool:
@@ -270,6 +281,155 @@ class ShardPipeline(wds.DataPipeline):
         self.stages.epoch = epoch
 
 
+STALL_HINT = (
+    "A shard that never delivers (a pipe: command or a server that hangs) or a stuck loader worker stops "
+    "training: read that shard by hand (run its pipe: command, fetch its URL), drop it from the shard list, "
+    "or raise data.timeout (0 or null waits forever)."
+)
+
+
+def _remove_folder(folder: str, owner_pid: int) -> None:
+    # a forked worker holds a copy of the watch: only the process that made the folder removes it
+    if os.getpid() == owner_pid:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _children_by_parent() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = defaultdict(list)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses, the last ")" ends it
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        children[ppid].append(int(stat.parent.name))
+    return children
+
+
+def _descendants(pid: int, children: dict[int, list[int]]) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class ShardWatch:
+    """Which shard each DataLoader worker is reading, so that a stalled loader can name it.
+
+    Workers are other processes (forked or spawned), so each writes the URL it hands to the tar reader next,
+    and its pid, into a small file of its own in a private folder (``record``, a pipeline stage after
+    ``split_by_worker``); ``watch`` wraps the loader's iterator and turns its timeout into a
+    ``ShardStallError`` naming them. Pickles as its folder's path, so spawned workers write there too.
+    """
+
+    def __init__(self) -> None:
+        self.folder = tempfile.mkdtemp(prefix="autoglm-shard-watch-")
+        weakref.finalize(self, _remove_folder, self.folder, os.getpid())
+
+    def _worker_file(self, worker: int) -> Path:
+        return Path(self.folder) / f"worker-{worker}.json"
+
+    def _stop_file(self) -> Path:
+        return Path(self.folder) / "stop"
+
+    def record(self, shards: Iterator[dict]) -> Iterator[dict]:
+        """Pipeline stage: notes each shard this worker opens (in the training process, nothing to note)."""
+        worker = get_worker_info()
+        for shard in shards:
+            if worker is not None:
+                if self._stop_file().exists():
+                    return  # the loader stalled and is being shut down: open nothing more
+                self._note(worker.id, shard["url"])
+            yield shard
+
+    def _note(self, worker: int, url: str) -> None:
+        # written aside and renamed, so the training process never reads half a file
+        path = self._worker_file(worker)
+        partial = path.with_suffix(".partial")
+        partial.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+        os.replace(partial, path)
+
+    def reset(self) -> None:
+        """Before a new iteration starts its workers: no stale notes, no stop."""
+        for path in Path(self.folder).iterdir():
+            path.unlink(missing_ok=True)
+
+    def reading(self) -> dict[int, dict]:
+        """{worker id: {"url", "pid"}} of the workers that have opened a shard in this iteration."""
+        notes = {}
+        for path in Path(self.folder).glob("worker-*.json"):
+            try:
+                notes[int(path.stem.split("-")[1])] = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+        return notes
+
+    def watch(self, batches: Iterator, timeout: float) -> Iterator:
+        """``batches`` (a DataLoader iterator), whose timeout becomes a ShardStallError naming the shards."""
+        try:
+            yield from batches
+        except RuntimeError as exc:
+            if not str(exc).startswith("DataLoader timed out"):
+                raise
+            reading = self.reading()
+            try:
+                self._stop_workers(batches, reading)
+            except Exception:  # cleaning up is a courtesy: the stall is the error to report
+                log.warning("could not stop the stalled loader's workers", exc_info=True)
+            raise ShardStallError(stall_message(timeout, reading, _awaited_worker(batches))) from exc
+
+    def _stop_workers(self, batches: Iterator, reading: dict[int, dict]) -> None:
+        # A worker blocked on a pipe: shard neither notices the loader shutting down nor takes its pipe's
+        # processes with it when terminated (a `sleep`, a `curl` would outlive the run). End them, so the
+        # worker's read returns; the stop file keeps it from opening the next shard.
+        self._stop_file().touch()
+        if Path("/proc").is_dir():
+            children = _children_by_parent()
+            ours = set(_descendants(os.getpid(), children))  # never a pid reused by someone else's process
+            for note in reading.values():
+                if note.get("pid") in ours:
+                    for pid in _descendants(note["pid"], children):
+                        with contextlib.suppress(ProcessLookupError, PermissionError):
+                            os.kill(pid, signal.SIGTERM)
+        shutdown = getattr(batches, "_shutdown_workers", None)  # what the iterator's __del__ does, now
+        if shutdown is not None:
+            shutdown()
+
+
+def _awaited_worker(batches: Iterator) -> int | None:
+    """The worker whose batch the loader waits for (it takes them in turn); None if torch does not say."""
+    try:
+        return batches._task_info[batches._rcvd_idx][0]
+    except (AttributeError, KeyError, IndexError, TypeError):
+        return None
+
+
+def stall_message(timeout: float, reading: dict[int, dict], awaited: int | None) -> str:
+    workers = sorted(reading, key=lambda w: (w != awaited, w))  # the one the loader waits for first
+    said = [f"worker {w} was reading {reading[w]['url']}" for w in workers]
+    if awaited is not None and awaited not in reading:
+        said.insert(0, f"worker {awaited} had not opened a shard yet")
+    return (
+        f"no batch from the data loader in {timeout:g} s (data.timeout); "
+        f"{'; '.join(said) or 'no worker had opened a shard yet'}. {STALL_HINT}"
+    )
+
+
+class WatchedLoader(DataLoader):
+    """A DataLoader whose timeout (``timeout`` seconds without a batch) raises a ShardStallError naming the
+    shards its workers were reading. Set ``shard_watch`` to the ShardWatch recording in its pipeline."""
+
+    shard_watch: ShardWatch | None = None
+
+    def __iter__(self):
+        if self.shard_watch is None or not self.timeout:
+            return super().__iter__()
+        self.shard_watch.reset()
+        return self.shard_watch.watch(super().__iter__(), self.timeout)
+
+
 def build_pipeline(
     shards: str | Sequence[str],
     *,
@@ -281,17 +441,18 @@ def build_pipeline(
     shuffle_buffer: int = 2000,
     resampled: bool = False,
     seed: int = 0,
+    shard_watch: ShardWatch | None = None,
 ) -> ShardPipeline:
+    """``shard_watch``: notes which shard each loader worker reads (see WatchedLoader)."""
     urls = expand_shards(shards)
     stages = _Stages(tokenizer, transform, caption_key, train, seed, shuffle_buffer)
     steps: list = [wds.ResampledShards(urls, seed=seed) if resampled else wds.SimpleShardList(urls)]
     if train and not resampled:
         steps.append(stages.shuffle_shards)
-    steps += [
-        wds.split_by_node,
-        wds.split_by_worker,
-        wds.tarfile_to_samples(handler=stages.skips.tar_error),
-    ]
+    steps += [wds.split_by_node, wds.split_by_worker]
+    if shard_watch is not None:
+        steps.append(shard_watch.record)
+    steps.append(wds.tarfile_to_samples(handler=stages.skips.tar_error))
     if train:
         steps.append(stages.shuffle_samples)
     steps += [
