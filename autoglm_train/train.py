@@ -21,14 +21,20 @@ from rich.table import Table
 
 from autoglm_train.build import (
     build_model,
-    build_tokenizer,
+    build_run_tokenizer,
     check_model_weights,
     split_optimizer_config,
     without_weights,
 )
-from autoglm_train.lit.callbacks import TrainTimer
+from autoglm_train.config_check import check_train_config
+from autoglm_train.lit.callbacks import CommStats, TrainTimer
+from autoglm_train.lit.divergence import DivergenceGuard
+from autoglm_train.lit.grad_cache import batch_norm_notice
 from autoglm_train.lit.module import DualEncoderModule
+from autoglm_train.lit.preemption import Preemption
+from autoglm_train.lit.run_state import RunState
 from autoglm_train.model.momentum import MomentumEncoder
+from autoglm_train.utils.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 console = Console()
@@ -41,10 +47,12 @@ def build_logger(cfg: DictConfig):
 
 
 def split_trainer_config(cfg: DictConfig) -> tuple[DictConfig, int, float | None]:
-    """The Trainer's arguments, less ours: ``grad_cache_chunks`` (and with it gradient clipping, which
-    the module then does itself, since Lightning clips only under automatic optimization)."""
+    """The Trainer's arguments, less ours: ``skip_nonfinite_steps`` (lit/divergence.py) and
+    ``grad_cache_chunks`` (and with it gradient clipping, which the module then does itself, since
+    Lightning clips only under automatic optimization)."""
     trainer_cfg = OmegaConf.create(OmegaConf.to_container(cfg.trainer, resolve=True))
     with open_dict(trainer_cfg):
+        trainer_cfg.pop("skip_nonfinite_steps", None)
         chunks = int(trainer_cfg.pop("grad_cache_chunks", 1) or 1)
         grad_clip = None
         if chunks > 1:
@@ -90,12 +98,12 @@ def check_launch(trainer: L.Trainer) -> str:
 
 
 def final_metrics(
-    module: DualEncoderModule, trainer: L.Trainer, datamodule, timer: TrainTimer
+    module: DualEncoderModule, trainer: L.Trainer, datamodule, timer: TrainTimer, run_state: RunState
 ) -> dict[str, float]:
     if module.last_val is None or module.last_val[0] != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     metrics = dict(module.last_val[1])
-    skipped = module.skipped_totals()
+    skipped = run_state.skipped_totals()
     per_step = datamodule.batch_size * trainer.accumulate_grad_batches * trainer.world_size
     samples = trainer.global_step * per_step
     metrics.update(
@@ -191,6 +199,7 @@ def start_run(cfg: DictConfig) -> Path:
 
 def run(cfg: DictConfig) -> dict[str, float]:
     run_start = time.perf_counter()
+    check_train_config(cfg)  # every bad value at once, before anything is made
     output_dir = start_run(cfg)
 
     ckpt_path = cfg.ckpt_path or find_resume_checkpoint(output_dir)
@@ -205,10 +214,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()  # makes or checks the shards before anything expensive is built
 
-    tokenizer = build_tokenizer(
-        cfg.tokenizer, model_cfg, datamodule.train_shards, datamodule.caption_key, ckpt_path
+    tokenizer = build_run_tokenizer(
+        cfg.tokenizer,
+        model_cfg,
+        datamodule.train_shards,
+        datamodule.caption_key,
+        ckpt_path,
+        output_dir / "tokenizer.json",
     )
-    tokenizer.save(output_dir / "tokenizer.json")
     model = build_model(model_cfg, tokenizer)
     datamodule.attach(tokenizer, model.image_tower.data_config)
 
@@ -219,6 +232,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     elif objective.queue_size or objective.distill_alpha:
         raise ValueError("loss.queue_size and loss.distill_alpha need momentum.enabled=true")
     trainer_cfg, grad_cache_chunks, grad_clip = split_trainer_config(cfg)
+    if notice := batch_norm_notice(model, grad_cache_chunks):
+        log.warning(notice)
     optimizer_cfg, image_layer_decay, text_layer_decay = split_optimizer_config(cfg.optimizer)
     module = DualEncoderModule(
         model,
@@ -234,8 +249,16 @@ def run(cfg: DictConfig) -> dict[str, float]:
         grad_cache_chunks=grad_cache_chunks,
         grad_clip=grad_clip,
     )
-    timer = TrainTimer()
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] + [timer]
+    timer, run_state = TrainTimer(), RunState()
+    # what a correct run needs is not the user's to drop: resume state, divergence stop, preemption
+    callbacks = [
+        run_state,
+        DivergenceGuard(int(cfg.trainer.get("skip_nonfinite_steps") or 0)),
+        Preemption(),
+        CommStats(),
+        timer,
+    ]
+    callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if cfg.progress_bar:
         callbacks.append(RichProgressBar())
     trainer: L.Trainer = instantiate(
@@ -250,7 +273,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     # the final state, whatever the checkpoint callbacks' schedule (Lightning writes it on rank 0)
     trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt", weights_only=False)
-    metrics = final_metrics(module, trainer, datamodule, timer)
+    metrics = final_metrics(module, trainer, datamodule, timer, run_state)
     if cfg.eval.zeroshot.task:
         transform = datamodule.eval_transform
         metrics |= zeroshot_metrics(cfg.eval.zeroshot, model, tokenizer, transform, module.device)
@@ -264,7 +287,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 def finish_run(metrics: dict[str, float], output_dir: Path) -> None:
     """What every entry point does last, on rank 0: metrics.json, the results table, the run directory."""
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
     print_results(metrics, output_dir)
     console.print(f"[bold]Run directory:[/bold] {output_dir}")
 
@@ -283,8 +306,8 @@ def entry(cfg: DictConfig) -> float:
         log.exception("run failed; the sweep goes on")
         output_dir = Path(cfg.paths.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "failed.json").write_text(
-            json.dumps({"error": f"{type(exc).__name__}: {exc}"}, indent=2)
+        atomic_write_text(
+            output_dir / "failed.json", json.dumps({"error": f"{type(exc).__name__}: {exc}"}, indent=2)
         )
         return float("nan")
     return metrics.get(cfg.optimized_metric, float("nan"))

@@ -16,6 +16,7 @@ from conftest import TINY, free_port
 from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import _should_compress
 
 from autoglm_train.distributed.compression import CompressedDDPStrategy
+from autoglm_train.lit.callbacks import CommStats
 from autoglm_train.lit.module import DualEncoderModule
 from autoglm_train.losses.infonce import InfoNCE
 from autoglm_train.losses.objective import Objective
@@ -77,7 +78,7 @@ def fit(module, batches, strategy="auto", devices=1) -> Record:
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
-        callbacks=[record],
+        callbacks=[record, CommStats()],  # as train.py adds it
     )
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
     trainer.fit(module, train_dataloaders=loader, val_dataloaders=[])

@@ -157,6 +157,20 @@ def test_objective_with_queue_scores_keys_masks_ids_and_enqueues():
     assert out["loss/triplet"].item() != pytest.approx(no_queue.item())
 
 
+def test_non_finite_keys_are_not_enqueued():
+    g = torch.Generator().manual_seed(2)
+    objective = Objective({"infonce": InfoNCE()}, queue_size=8)
+    ids = torch.arange(4)
+    image, text, image_m, text_m = (unit(4, 8, g).float() for _ in range(4))
+    objective(image, text, torch.tensor(10.0), ids=ids, step=0, momentum=(image_m, text_m))
+    before = [t.clone() for t in objective.queues["image"].contents()]
+    image_m[1, 0] = torch.nan  # a corrupt input reaches the momentum encoder too
+    out = objective(image, text, torch.tensor(10.0), ids=ids + 4, step=1, momentum=(image_m, text_m))
+    assert not torch.isfinite(out["loss"])  # the step itself is stopped or skipped by the trainer
+    after = objective.queues["image"].contents()
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
 def test_queue_without_momentum_is_a_config_error(tiny_cfg):
     from autoglm_train import train
 

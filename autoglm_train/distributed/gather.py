@@ -59,13 +59,29 @@ def gather_variable(x: torch.Tensor) -> torch.Tensor:
 
 def sum_counts(counts: dict[str, int]) -> dict[str, int]:
     """Adds up per-rank counters (each rank may hold other keys); every rank gets the totals."""
-    _, world = rank_and_world()
-    if world == 1:
-        return dict(counts)
-    gathered: list = [None] * world
-    dist.all_gather_object(gathered, dict(counts))
     totals: dict[str, int] = {}
-    for part in gathered:
+    for part in gather_objects(dict(counts)):
         for key, value in part.items():
             totals[key] = totals.get(key, 0) + value
     return totals
+
+
+def any_rank(flags: list[bool], device: torch.device | str = "cpu") -> list[bool]:
+    """Per flag: whether any rank raised it. One small all-reduce, so every rank must call it at the same
+    point of its step; ranks then act on the same answer (stop, skip, checkpoint) and none is left waiting."""
+    _, world = rank_and_world()
+    if world == 1:
+        return list(flags)
+    raised = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(raised, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in raised.tolist()]
+
+
+def gather_objects(obj) -> list:
+    """``obj`` from every rank, in rank order (a pickling collective: small objects, every rank calls)."""
+    _, world = rank_and_world()
+    if world == 1:
+        return [obj]
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, obj)
+    return gathered

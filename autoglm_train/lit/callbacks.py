@@ -31,3 +31,17 @@ class TrainTimer(L.Callback):
     @property
     def train_s(self) -> float:
         return max(self.fit_s - self.val_s, 1e-9)
+
+
+class CommStats(L.Callback):
+    """Bytes the DDP communication hook all-reduced in the last synchronizing backward, against the
+    uncompressed size (``comm/*``); nothing without a compressing strategy."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        # here, not in on_after_backward: the strategy counts the backward after that hook runs; and this
+        # hook runs in manual optimization (gradient caching) too
+        stats = getattr(trainer.strategy, "comm_stats", None)
+        if stats:
+            pl_module.log("comm/bytes", stats["bytes"])
+            pl_module.log("comm/bytes_uncompressed", stats["uncompressed"])
+            pl_module.log("comm/ratio", stats["bytes"] / stats["uncompressed"])

@@ -6,7 +6,6 @@ import itertools
 import logging
 import math
 import os
-import random
 import signal
 from collections.abc import Callable, Sequence
 
@@ -17,6 +16,8 @@ from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
 from autoglm_train.data.shards import (
+    ShardWatch,
+    WatchedLoader,
     build_pipeline,
     epoch_samples_from_sizes,
     expand_shards,
@@ -45,7 +46,8 @@ class ShardDataModule(L.LightningDataModule):
     ``missing_hint`` is appended to the error when shards are missing and nothing can make them.
     Call ``attach(tokenizer, model_data_config)`` before the loaders are asked for: the transform follows
     the image tower's preprocessing (input size, mean, std, interpolation of its weights; ``image_size``
-    overrides the size when set).
+    overrides the size when set). ``timeout``: seconds a loader with workers waits for a batch before a
+    ShardStallError names the shards its workers were reading (0 or None: forever).
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class ShardDataModule(L.LightningDataModule):
         prepare: Callable[[], object] | None = None,
         missing_hint: str = "",
         seed: int = 0,
+        timeout: float | None = 600.0,
     ):
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
@@ -77,10 +80,11 @@ class ShardDataModule(L.LightningDataModule):
         self.augment, self.crop_pct = augment, crop_pct
         self.prepare, self.missing_hint = prepare, missing_hint
         self.seed = seed
+        self.timeout = timeout or 0
         self.tokenizer = None
         self.train_transform = self.eval_transform = None
         self.stream_epoch = 0  # the training stream's current epoch (saved in checkpoints)
-        self._resume: dict | None = None
+        self._resume: tuple[int, int] | None = None  # (epoch, batches) from a checkpoint
         self._prepared = False
 
     def prepare_data(self) -> None:
@@ -129,6 +133,10 @@ class ShardDataModule(L.LightningDataModule):
             raise RuntimeError(
                 "ShardDataModule.attach(tokenizer, data_config) must be called before the loaders"
             )
+        workers = self.num_workers if train else min(self.num_workers, len(expand_shards(self.val_shards)))
+        # a timeout needs workers (the loader reads in-process otherwise), and naming the stalled shard
+        # needs them to say what they read
+        watch = ShardWatch() if workers and self.timeout else None
         pipeline = build_pipeline(
             self.train_shards if train else self.val_shards,
             tokenizer=self.tokenizer,
@@ -139,19 +147,22 @@ class ShardDataModule(L.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer,
             resampled=self.resampled and train,
             seed=self.seed,
+            shard_watch=watch,
         )
-        workers = self.num_workers if train else min(self.num_workers, len(expand_shards(self.val_shards)))
         if train and self.resampled:
             pipeline = pipeline.with_epoch(self.resampled_epoch_batches(max(workers, 1)))
         # workers are not persistent: each epoch starts them with seeds from (seed, epoch), which is what
         # lets a resumed run replay the same stream (see ReplayableStream)
-        return DataLoader(
+        loader = WatchedLoader(
             pipeline,
             batch_size=None,
             num_workers=workers,
             prefetch_factor=4 if workers else None,
             worker_init_fn=ignore_requeue_signal if workers else None,
+            timeout=self.timeout if watch else 0,
         )
+        loader.shard_watch = watch
+        return loader
 
     def resampled_epoch_batches(self, workers: int) -> int:
         """Batches each loader worker yields per epoch of a resampled (endless) stream: the epoch is the
@@ -174,16 +185,17 @@ class ShardDataModule(L.LightningDataModule):
         loader.generator = torch.Generator().manual_seed(0)
         return loader
 
-    def resume_stream(self, state: dict) -> None:
-        """Set by the module from a checkpoint: the next training epoch replays to where it stopped."""
-        self._resume = state
+    def resume_stream(self, epoch: int, batches: int) -> None:
+        """The next training epoch is ``epoch``, replayed past the ``batches`` already trained on (set from a
+        checkpoint by lit/run_state.py, before the first batch is drawn)."""
+        self._resume = (epoch, batches)
 
 
 class ReplayableStream:
-    """The training loader, resumable mid-epoch. Each epoch's stream is a pure function of (seed, epoch):
-    the pipeline's own generators and the loader's worker seeds are set from them before iterating. On
-    resume it rebuilds the checkpoint's epoch, re-reads and drops the batches already trained on, then
-    restores the global random states of the checkpoint (the model's: dropout and the like).
+    """The training loader, resumable mid-epoch. Each epoch's stream is a pure function of (seed, epoch,
+    rank, worker): the pipeline's own generators and the loader's worker seeds are set from them before
+    iterating. On resume it rebuilds the checkpoint's epoch and re-reads and drops the batches this rank
+    already trained on.
 
     Replaying costs reading those batches again; it buys a resumed run identical to one never stopped.
     """
@@ -199,19 +211,16 @@ class ReplayableStream:
     def _stream(self):
         resume, self.datamodule._resume = self.datamodule._resume, None
         if resume:
-            self.epoch = resume["epoch"]
+            self.epoch, skip = resume
         epoch, self.epoch = self.epoch, self.epoch + 1
         self.datamodule.stream_epoch = epoch
         self.loader.dataset.set_epoch(epoch)
         self.loader.generator = torch.Generator().manual_seed(stable_seed(self.seed, epoch, "workers"))
         iterator = iter(self.loader)
-        if resume:
-            skip = resume["batches"]
-            if skip and next(itertools.islice(iterator, skip - 1, None), None) is None:
+        if resume and skip:
+            if next(itertools.islice(iterator, skip - 1, None), None) is None:
                 raise RuntimeError(
                     f"cannot resume the data stream: epoch {epoch} has fewer than {skip} batches"
                 )
-            torch.set_rng_state(resume["rng"]["torch"])
-            random.setstate(resume["rng"]["random"])
             log.info("resumed the training stream at epoch %d after %d batches", epoch, skip)
         yield from iterator

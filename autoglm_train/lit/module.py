@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
-from collections import Counter
 from collections.abc import Callable
 
 import lightning as L
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from autoglm_train.distributed.gather import gather_variable, gather_with_grad, rank_and_world, sum_counts
+from autoglm_train.distributed.gather import gather_variable, gather_with_grad
 from autoglm_train.eval.retrieval import retrieval_metrics
 from autoglm_train.lit.grad_cache import grad_cache_step
 
@@ -28,6 +26,14 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: float, min_ratio: f
 
 
 class DualEncoderModule(L.LightningModule):
+    """The model trained through the objective (one backward, or gradient caching's chunked backward),
+    the momentum encoder kept up with it, and retrieval on the held-out shards.
+
+    Beside it, as callbacks (train.py adds them): what a checkpoint holds to resume (lit/run_state.py),
+    non-finite steps (lit/divergence.py), Slurm preemption (lit/preemption.py), communication figures
+    (lit/callbacks.py).
+    """
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -51,8 +57,7 @@ class DualEncoderModule(L.LightningModule):
         self.objective.gather = gather_with_grad  # negatives from every rank
         self.optimizer_factory = optimizer
         self.tokenizer_json = tokenizer_json
-        self.skipped: Counter[str] = Counter()
-        self._batches_this_epoch = self._resumed_batches = 0
+        self.step_losses: dict[str, torch.Tensor] = {}  # this step's loss terms, for the divergence check
         self.last_val: tuple[int, dict[str, float]] | None = None
         self._val: dict[str, list[torch.Tensor]] = {}
         # gradient caching drives its own backward passes, so the optimizer step is ours too
@@ -69,6 +74,7 @@ class DualEncoderModule(L.LightningModule):
             # a loss without temperature (triplet) leaves the logit scale out of the graph, which DDP
             # (find_unused_parameters=False) refuses; a zero term keeps it in at no cost
             out["loss"] = out["loss"] + 0.0 * logit_scale
+            self.step_losses = {k: v.detach() for k, v in out.items() if k.startswith("loss")}
         else:
             out, logit_scale = self._grad_cache_step(batch, keys)
         n = batch["image"].shape[0]
@@ -78,8 +84,6 @@ class DualEncoderModule(L.LightningModule):
                 self.log(f"train/{key}", value, batch_size=n)
         self.log("train/logit_scale", logit_scale.detach(), batch_size=n)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
-        self._count_skipped(batch.get("skipped"))
-        self._batches_this_epoch += 1
         return out["loss"]
 
     def _grad_cache_step(self, batch: dict, keys) -> tuple[dict, torch.Tensor]:
@@ -104,6 +108,7 @@ class DualEncoderModule(L.LightningModule):
             [p for p in self.objective.parameters() if p.requires_grad],
             backward,
         )
+        self.step_losses = {k: v for k, v in out.items() if k.startswith("loss")}
         if self.hparams.grad_clip:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip)
         optimizer.step()
@@ -112,39 +117,15 @@ class DualEncoderModule(L.LightningModule):
         self._update_momentum()
         return out, self.model.logit_scale().detach()
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        # after the strategy has counted the backward (on_after_backward runs before it does), in both
-        # automatic and manual optimization: bytes the comm hook all-reduced in the last synchronizing
-        # backward, vs uncompressed
-        stats = getattr(self.trainer.strategy, "comm_stats", None)
-        if stats:
-            self.log("comm/bytes", stats["bytes"])
-            self.log("comm/bytes_uncompressed", stats["uncompressed"])
-            self.log("comm/ratio", stats["bytes"] / stats["uncompressed"])
-
     def _update_momentum(self) -> None:
         if self.momentum is not None:
             self.momentum.update(self.model, step=self.global_step)
             self.log("train/sched/momentum", self.momentum.get_decay(self.global_step))
 
-    def on_train_epoch_start(self) -> None:
-        # a run resumed mid-epoch starts its first epoch with the batches it already trained on
-        self._batches_this_epoch, self._resumed_batches = self._resumed_batches, 0
-
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         # once per optimizer step, not per micro-batch: Lightning calls this only when it steps
         self._update_momentum()
-
-    def skipped_totals(self) -> dict[str, int]:
-        """Samples skipped as unusable, by reason, summed over ranks (a collective: call on every rank)."""
-        return sum_counts(self.skipped)
-
-    def _count_skipped(self, skipped: dict | None) -> None:
-        if skipped:
-            self.skipped.update(skipped)
-            for reason, count in self.skipped.items():
-                self.log(f"data/skipped_{reason}", float(count), reduce_fx="max")
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -174,7 +155,6 @@ class DualEncoderModule(L.LightningModule):
         self._val["text"].append(self.model.encode_text(batch["text"]).float())
         self._val["id"].append(batch["id"])
         self._val["text_id"].append(batch["text_id"])
-        self._count_skipped(batch.get("skipped"))
 
     def on_validation_epoch_end(self) -> None:
         # each rank embedded its share of the held-out shards; every rank scores the gathered whole
@@ -197,29 +177,3 @@ class DualEncoderModule(L.LightningModule):
         metrics["val/captions"] = float(parts["text"].shape[0])
         self.log_dict(metrics, prog_bar=False)
         self.last_val = (self.global_step, metrics)
-
-    # --- checkpoint -------------------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # a checkpoint must be usable alone: keep the tokenizer (vocabulary sizes the text tower) inside it
-        checkpoint["tokenizer_json"] = self.tokenizer_json
-        # all ranks' skips (only rank 0's checkpoint is written); every rank passes here, so the sum is safe
-        checkpoint["data_skipped"] = self.skipped_totals()
-        checkpoint["queues"] = self.objective.queue_state()
-        # exact resume: where the training stream stands in its epoch, and the random states now
-        datamodule = getattr(self.trainer, "datamodule", None)
-        checkpoint["train_stream"] = {
-            "epoch": getattr(datamodule, "stream_epoch", 0),
-            "batches": self._batches_this_epoch,
-            "rng": {"torch": torch.get_rng_state(), "random": random.getstate()},
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # the saved counts are all ranks' totals: one rank carries them on, or the next sum would repeat them
-        rank, _ = rank_and_world()
-        self.skipped = Counter(checkpoint.get("data_skipped", {}) if rank == 0 else {})
-        self.objective.load_queue_state(checkpoint.get("queues", {}))
-        stream = checkpoint.get("train_stream")
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if stream and hasattr(datamodule, "resume_stream"):
-            self._batches_this_epoch = self._resumed_batches = stream["batches"]
-            datamodule.resume_stream(stream)

@@ -60,7 +60,8 @@ class Objective(nn.Module):
     """``forward(image_emb, text_emb, logit_scale, ids, step, momentum)`` ->
     ``{"loss": total, "loss/<term>": value, ..., "sched/<name>": value, ...}``.
 
-    ``temperature`` (a Schedule) replaces the model's learned logit scale by 1/temperature(step).
+    ``temperature`` (a Schedule) replaces the model's learned logit scale by 1/temperature(step), clamped
+    at ``max_logit_scale`` like the learned one (the temperature used, logged, is then 1/max_logit_scale).
     ``momentum=(image_m, text_m)`` (a momentum encoder's embeddings of the batch) turns on keys: terms score
     against the gathered momentum batch plus queues of ``queue_size`` past keys, which are updated after the
     loss. ``distill_alpha`` (ramped up linearly over ``distill_ramp_steps``) mixes the momentum model's
@@ -72,6 +73,7 @@ class Objective(nn.Module):
         terms: Mapping[str, nn.Module],
         weights: Mapping[str, float] | None = None,
         temperature: Schedule | None = None,
+        max_logit_scale: float = 100.0,
         queue_size: int = 0,
         distill_alpha: float = 0.0,
         distill_ramp_steps: int = 0,
@@ -89,6 +91,11 @@ class Objective(nn.Module):
         self.terms = nn.ModuleDict(dict(terms))
         self.weights = {name: float(weights.get(name, 1.0)) for name in terms}
         self.temperature = temperature
+        if not max_logit_scale > 0:
+            raise ValueError(f"max_logit_scale must be > 0, got {max_logit_scale}")
+        # the learned scale cannot pass max_logit_scale (model/dual_encoder.py); a schedule must not either,
+        # or a temperature scheduled towards 0 makes the logits, and the loss, blow up
+        self.min_temperature = 1.0 / max_logit_scale
         if queue_size < 0 or not 0.0 <= distill_alpha <= 1.0:
             raise ValueError("loss.queue_size must be >= 0 and loss.distill_alpha in [0, 1]")
         self.queue_size, self.distill_alpha, self.distill_ramp_steps = (
@@ -107,6 +114,10 @@ class Objective(nn.Module):
         self.queues: dict[str, FeatureQueue] = {}  # made on first use, when the embedding size is known
         self.gather = gather
 
+    def scheduled_temperature(self, step: int) -> float:
+        """The schedule's temperature at ``step``, never below 1/max_logit_scale: the value actually used."""
+        return max(self.temperature(step), self.min_temperature)
+
     def _global_count(self, count: torch.Tensor, world: int):
         counts, _ = self.gather(count.detach().float().reshape(1))
         return counts.sum(), world
@@ -120,7 +131,7 @@ class Objective(nn.Module):
         world = image_all.shape[0] // max(image.shape[0], 1)
         scheduled: dict[str, float] = {}
         if self.temperature is not None:
-            scheduled["temperature"] = self.temperature(step)
+            scheduled["temperature"] = self.scheduled_temperature(step)
             logit_scale = torch.tensor(1.0 / scheduled["temperature"], device=image.device)
         batch = ContrastiveBatch(
             image,
@@ -138,7 +149,9 @@ class Objective(nn.Module):
         keys = self._attach_keys(batch, momentum, step) if momentum is not None else None
         out = {f"loss/{name}": term(batch) for name, term in self.terms.items()}
         out["loss"] = sum(self.weights[name] * out[f"loss/{name}"] for name in self.terms)
-        if keys is not None and self.queue_size:
+        # a non-finite key (a corrupt input) would poison every later step's negatives; the step itself
+        # is then non-finite and stopped or skipped (lit/divergence.py), the queue left as it was
+        if keys is not None and self.queue_size and all(torch.isfinite(k).all() for k in keys):
             for name, key in zip(("image", "text"), keys, strict=True):
                 self.queues[name].enqueue(key, batch.ids_all)
         out.update({f"sched/{k}": torch.tensor(float(v)) for k, v in batch.scheduled.items()})
