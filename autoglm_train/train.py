@@ -78,6 +78,12 @@ def find_resume_checkpoint(output_dir: Path) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
+def core_callbacks(skip_nonfinite_steps: int = 0) -> list[L.Callback]:
+    """What a correct run needs, so not the user's to drop (``callbacks=none`` keeps them): resume state
+    (``RunState``), the divergence stop, preemption, comm figures."""
+    return [RunState(), DivergenceGuard(skip_nonfinite_steps), Preemption(), CommStats()]
+
+
 def check_launch(trainer: L.Trainer) -> str:
     """Name the cluster environment; refuse what would go wrong silently.
 
@@ -249,15 +255,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         grad_cache_chunks=grad_cache_chunks,
         grad_clip=grad_clip,
     )
-    timer, run_state = TrainTimer(), RunState()
-    # what a correct run needs is not the user's to drop: resume state, divergence stop, preemption
-    callbacks = [
-        run_state,
-        DivergenceGuard(int(cfg.trainer.get("skip_nonfinite_steps") or 0)),
-        Preemption(),
-        CommStats(),
-        timer,
-    ]
+    timer, core = TrainTimer(), core_callbacks(int(cfg.trainer.get("skip_nonfinite_steps") or 0))
+    run_state = core[0]
+    callbacks = [*core, timer]
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if cfg.progress_bar:
         callbacks.append(RichProgressBar())

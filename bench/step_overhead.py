@@ -32,6 +32,7 @@ from autoglm_train.losses.infonce import InfoNCE, infonce_loss
 from autoglm_train.losses.objective import Objective
 from autoglm_train.model.dual_encoder import DualEncoder
 from autoglm_train.model.towers import ImageTower, TextTower
+from autoglm_train.train import core_callbacks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loss_comparison import RESULTS, replace_section  # noqa: E402
@@ -89,7 +90,7 @@ def run_ours(model: DualEncoder, batch: dict, steps: int, warmup: int) -> float:
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
-        callbacks=[timer],
+        callbacks=[timer, *core_callbacks()],  # as train.py runs it
     )
     loader = torch.utils.data.DataLoader(Repeat(batch, warmup + steps), batch_size=None)
     trainer.fit(module, train_dataloaders=loader)
