@@ -6,7 +6,6 @@ left as they were; each one logged)."""
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import lightning as L
@@ -29,11 +28,11 @@ def first_nonfinite_term(losses: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
-def grad_norm(parameters: list[torch.nn.Parameter]) -> float:
+def grad_norm(parameters: list[torch.nn.Parameter], device: torch.device) -> torch.Tensor:
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
-        return 0.0
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).item()
+        return torch.zeros((), device=device)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
 def first_nonfinite_grad(named: list[tuple[str, torch.nn.Parameter]]) -> str:
@@ -57,13 +56,17 @@ class DivergenceGuard(L.Callback):
             self._buffers = {name: b.detach().clone() for name, b in pl_module.named_buffers()}
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        term = first_nonfinite_term(getattr(pl_module, "step_losses", {}))
+        losses = getattr(pl_module, "step_losses", {})
         named = [(n, p) for n, p in pl_module.named_parameters() if p.grad is not None]
-        norm = grad_norm([p for _, p in named])
+        norm = grad_norm([p for _, p in named], pl_module.device)
+        # one host synchronization per step for every check: finiteness of each term and of the norm
+        checks = [torch.isfinite(v).all().to(norm.device) for v in losses.values()]
+        *terms_finite, norm_finite = torch.stack([*checks, torch.isfinite(norm)]).tolist()
+        term = None if all(terms_finite) else first_nonfinite_term(losses)
         # a loss scaler (16-mixed) overflows on purpose now and then, and skips those steps itself
         scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
-        bad_grad = not scaled and not math.isfinite(norm)
-        if math.isfinite(norm):
+        bad_grad = not scaled and not norm_finite
+        if norm_finite:
             pl_module.log("train/grad_norm", norm)
         loss_bad, grad_bad = any_rank([term is not None, bad_grad], pl_module.device)
         if not (loss_bad or grad_bad):
@@ -73,7 +76,7 @@ class DivergenceGuard(L.Callback):
         if term:
             found = f"loss {term}"
         elif bad_grad:
-            found = f"gradient norm {norm} (first in {first_nonfinite_grad(named)})"
+            found = f"gradient norm {norm.item()} (first in {first_nonfinite_grad(named)})"
         # every rank is here (the flags were agreed), so gathering what each saw is safe
         where = "; ".join(f"rank {r}: {x}" for r, x in enumerate(gather_objects(found)) if x)
         step = trainer.global_step
