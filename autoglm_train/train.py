@@ -49,23 +49,12 @@ def build_logger(cfg: DictConfig):
 def split_trainer_config(cfg: DictConfig) -> tuple[DictConfig, int, float | None]:
     """The Trainer's arguments, less ours: ``skip_nonfinite_steps`` (lit/divergence.py) and
     ``grad_cache_chunks`` (and with it gradient clipping, which the module then does itself, since
-    Lightning clips only under automatic optimization)."""
+    Lightning clips only under automatic optimization). Combinations are checked by config_check.py."""
     trainer_cfg = OmegaConf.create(OmegaConf.to_container(cfg.trainer, resolve=True))
     with open_dict(trainer_cfg):
         trainer_cfg.pop("skip_nonfinite_steps", None)
         chunks = int(trainer_cfg.pop("grad_cache_chunks", 1) or 1)
-        grad_clip = None
-        if chunks > 1:
-            if trainer_cfg.get("accumulate_grad_batches", 1) != 1:
-                raise ValueError(
-                    "trainer.grad_cache_chunks and trainer.accumulate_grad_batches do not combine: "
-                    "gradient caching already gives the whole batch's gradient; raise data.batch_size"
-                )
-            grad_clip = trainer_cfg.pop("gradient_clip_val", None)
-    if cfg.compression.mode != "none" and "strategy" not in trainer_cfg:
-        raise ValueError(
-            f"compression={cfg.compression.mode} compresses DDP gradients: use trainer=ddp or trainer=ddp_cpu"
-        )
+        grad_clip = trainer_cfg.pop("gradient_clip_val", None) if chunks > 1 else None
     return trainer_cfg, chunks, grad_clip
 
 
@@ -235,8 +224,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
     momentum = None
     if cfg.momentum.enabled:
         momentum = MomentumEncoder(model, cfg.momentum.m, cfg.momentum.schedule, cfg.trainer.max_steps)
-    elif objective.queue_size or objective.distill_alpha:
-        raise ValueError("loss.queue_size and loss.distill_alpha need momentum.enabled=true")
     trainer_cfg, grad_cache_chunks, grad_clip = split_trainer_config(cfg)
     if notice := batch_norm_notice(model, grad_cache_chunks):
         log.warning(notice)

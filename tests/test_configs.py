@@ -132,11 +132,13 @@ def test_ddp_trainers_build_our_strategy_with_the_compression(trainer, mode, tmp
 
 
 def test_compression_without_ddp_and_grad_cache_with_accumulation_are_errors(tmp_path):
+    from autoglm_train.config_check import check_train_config
+
     with pytest.raises(ValueError, match="use trainer=ddp"):
-        train.split_trainer_config(compose_config(["compression=fp16"], tmp_path))
+        check_train_config(compose_config(["compression=fp16"], tmp_path))
     cfg = compose_config(["trainer.grad_cache_chunks=4", "trainer.accumulate_grad_batches=2"], tmp_path)
-    with pytest.raises(ValueError, match="do not combine"):
-        train.split_trainer_config(cfg)
+    with pytest.raises(ValueError, match="does not combine"):
+        check_train_config(cfg)
     cfg = compose_config(["trainer.grad_cache_chunks=4", "trainer.gradient_clip_val=1.0"], tmp_path)
     trainer_cfg, chunks, clip = train.split_trainer_config(cfg)
     assert chunks == 4 and clip == 1.0 and "gradient_clip_val" not in trainer_cfg
