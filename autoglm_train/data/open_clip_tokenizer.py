@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from autoglm_train.utils.files import atomic_write_text
+
 SPEC_KEY = "open_clip_tokenizer"
 
 
@@ -91,7 +93,7 @@ class OpenCLIPTokenizer:
         return json.dumps(self.spec())
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json() + "\n")
+        atomic_write_text(path, self.to_json() + "\n")  # whole or absent, as CaptionTokenizer.save
 
     @classmethod
     def from_spec(cls, spec: dict) -> OpenCLIPTokenizer:

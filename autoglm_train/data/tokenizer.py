@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from autoglm_train.utils.files import atomic_write_with
+
 PAD, CLS, SEP, UNK = "[PAD]", "[CLS]", "[SEP]", "[UNK]"
 SPECIAL_TOKENS = [PAD, CLS, SEP, UNK]
 
@@ -53,7 +55,8 @@ class CaptionTokenizer:
         return self._tok.decode(ids.tolist(), skip_special_tokens=True)
 
     def save(self, path: str | Path) -> None:
-        self._tok.save(str(path))
+        # whole or absent: ranks or a resumed job may read it while it is written
+        atomic_write_with(path, lambda tmp: self._tok.save(str(tmp)))
 
     def to_json(self) -> str:
         return self._tok.to_str()

@@ -83,7 +83,7 @@ class ShardDataModule(L.LightningDataModule):
         self.timeout = timeout or 0
         self.tokenizer = None
         self.train_transform = self.eval_transform = None
-        self.stream_epoch = 0  # the training stream's current epoch (saved in checkpoints)
+        self.stream_epoch = 0  # the training stream's current epoch (lit/run_state.py counts batches in it)
         self._resume: tuple[int, int] | None = None  # (epoch, batches) from a checkpoint
         self._prepared = False
 
