@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from autoglm_train.data.shapes import COLOURS, SHAPES, SIZES, Shape, captions_for, position_name
+from autoglm_train.data.shapes import CELLS, COLOURS, SHAPES, SIZES, Shape, captions_for, position_name
 from autoglm_train.data.tokenizer import train_bpe
 from autoglm_train.eval.zeroshot import (
     SHAPES_TASKS,
@@ -36,7 +36,7 @@ def tokenizer():
         for kind in SHAPES
         for colour in COLOURS
         for size in SIZES
-        for r, col in ((0, 0), (1, 1), (2, 1))
+        for r, col in CELLS
         for c in captions_for([Shape(kind, colour, size, r, col)])
     ]
     return train_bpe(captions, vocab_size=200, context_length=CONTEXT)
@@ -254,7 +254,7 @@ def test_shapes_samples_are_deterministic_per_seed():
 
 def test_shapes_prompts_use_only_caption_words_and_hide_the_other_attribute():
     caption_words = set(" ".join([*SIZES, *COLOURS, *SHAPES, "a at"]).split())
-    caption_words |= {w for r in range(3) for c in range(3) for w in position_name(r, c).split()}
+    caption_words |= {w for r, c in CELLS for w in position_name(r, c).split()}
     for task, other in (("shape", COLOURS), ("colour", SHAPES)):
         classnames, templates = SHAPES_TASKS[task]
         assert len(set(templates)) == len(templates)

@@ -1,9 +1,17 @@
-"""The embedded synthetic dataset: coloured shapes on a 3x3 grid, with captions that describe them.
+"""The embedded synthetic dataset: coloured shapes on a 2x2 grid, with captions that describe them.
 
 Written once as webdataset shards (deterministic from a seed) so the default job needs no download.
-Each sample: ``png`` image bytes and ``json`` with ``{"id", "captions": [..], "split"}``; several
-captions per image (the shapes listed in two orders) exercise the multi-caption retrieval protocol.
-Held-out captions are unique across images, so R@1 is well defined.
+Each sample: ``png`` image bytes and ``json`` with ``{"id", "captions": [..], "split", "shapes"}``
+(``shapes``: ``[kind, colour, size, row, col]`` each); several captions per image (the shapes listed in
+two orders) exercise the multi-caption retrieval protocol. Held-out captions are unique across images, so
+R@1 is well defined.
+
+Every held-out image belongs to a hard-negative group: images drawn from the same scene that differ only
+in the shape, colour, position or size of one of its shapes (json ``group`` and ``varies``). Colour,
+size and position alone tell most random scenes apart, so a held-out set of random scenes can be
+retrieved without ever looking at shape; within a group only the varied attribute can, and validation
+reports each attribute's within-group R@1. Half of the training images come in such groups too, written
+one after another, so a small shuffle buffer puts them in one batch as each other's negatives.
 """
 
 from __future__ import annotations
@@ -18,8 +26,9 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, astuple, dataclass, replace
 from pathlib import Path
 
 import webdataset as wds
@@ -30,7 +39,7 @@ from autoglm_train.utils.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: larger shapes; held-out hard-negative groups; training families
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 190, 60),
@@ -42,18 +51,18 @@ COLOURS = {
     "white": (240, 240, 240),
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
-SIZES = {"small": 0.22, "large": 0.42}  # radius as a fraction of one grid cell's side
-ROWS = ("top", "middle", "bottom")
-COLS = ("left", "centre", "right")
+# a 2x2 grid: at 64 px a cell is 32 px, so a small shape is 18 px across and a large one 28 (v1's 3x3 grid
+# left 9 px for a small shape, 2 pixels of ResNet's stride-4 stem, and shape was never learnt)
+GRID = 2
+ROWS = ("top", "bottom")
+COLS = ("left", "right")
+CELLS = tuple((row, col) for row in range(GRID) for col in range(GRID))
+SIZES = {"small": 0.28, "large": 0.44}  # radius as a fraction of one grid cell's side
+# what a hard-negative group varies (one attribute of one shape), and how many images a group has
+GROUP_ATTRIBUTES = {"shape": len(SHAPES), "colour": 4, "position": len(CELLS), "size": len(SIZES)}
 
 
 def position_name(row: int, col: int) -> str:
-    if row == 1 and col == 1:
-        return "the centre"
-    if row == 1:
-        return f"the {COLS[col]}"
-    if col == 1:
-        return f"the {ROWS[row]}"
     return f"the {ROWS[row]} {COLS[col]}"
 
 
@@ -80,22 +89,24 @@ def captions_for(shapes: list[Shape]) -> list[str]:
 
 def sample_shapes(rng: random.Random, max_shapes: int = 3) -> list[Shape]:
     n = rng.choice(range(1, max_shapes + 1))
-    cells = rng.sample([(r, c) for r in range(3) for c in range(3)], n)
+    cells = rng.sample(CELLS, n)
     return [
         Shape(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(SIZES)), r, c) for r, c in cells
     ]
 
 
 def render(shapes: list[Shape], rng: random.Random, image_size: int = 64) -> Image.Image:
+    """Draws from ``rng`` the same number of times whatever the shapes' attributes, so scenes rendered
+    from equal generator states differ only where their shapes differ (a hard-negative group's images)."""
     background = tuple(rng.randint(0, 50) for _ in range(3))
     img = Image.new("RGB", (image_size, image_size), background)
     draw = ImageDraw.Draw(img)
-    cell = image_size / 3
+    cell = image_size / GRID
     for s in shapes:
         radius = SIZES[s.size] * cell
-        slack = cell / 2 - radius - 1  # jitter inside the cell, never across its border
-        cx = (s.col + 0.5) * cell + rng.uniform(-slack, slack)
-        cy = (s.row + 0.5) * cell + rng.uniform(-slack, slack)
+        slack = max(0.0, cell / 2 - radius - 1)  # jitter inside the cell, never across its border
+        cx = (s.col + 0.5) * cell + rng.uniform(-1, 1) * slack
+        cy = (s.row + 0.5) * cell + rng.uniform(-1, 1) * slack
         colour = tuple(min(255, max(0, v + rng.randint(-20, 20))) for v in COLOURS[s.colour])
         box = [cx - radius, cy - radius, cx + radius, cy + radius]
         if s.kind == "circle":
@@ -113,25 +124,77 @@ def render(shapes: list[Shape], rng: random.Random, image_size: int = 64) -> Ima
     return img
 
 
-def generate(n: int, seed: int, split: str, unique_captions: bool, image_size: int) -> Iterator[dict]:
-    rng = random.Random(f"{seed}-{split}")
+def vary(base: list[Shape], attribute: str, rng: random.Random, size: int | None = None) -> list[list[Shape]]:
+    """``size`` scenes (``GROUP_ATTRIBUTES[attribute]`` by default), the first ``base``, that differ from
+    each other only in ``attribute`` of one shape (chosen at random; its index is kept, so rendering
+    draws the same jitter and tints for every scene)."""
+    size = size or GROUP_ATTRIBUTES[attribute]
+    index = rng.randrange(len(base))
+    shape = base[index]
+    if attribute == "position":
+        taken = {(s.row, s.col) for s in base}
+        free = [cell for cell in CELLS if cell not in taken]
+        places = rng.sample(free, min(size - 1, len(free)))  # a full grid leaves fewer places
+        variants = [replace(shape, row=r, col=c) for r, c in places]
+    else:
+        field, values = {"shape": ("kind", SHAPES), "colour": ("colour", COLOURS), "size": ("size", SIZES)}[
+            attribute
+        ]
+        others = [v for v in values if v != getattr(shape, field)]
+        variants = [replace(shape, **{field: v}) for v in rng.sample(others, size - 1)]
+    return [base] + [[*base[:index], v, *base[index + 1 :]] for v in variants]
+
+
+def _sample(key: str, scene: list[Shape], image_seed: int, image_size: int, meta: dict) -> dict:
+    buf = io.BytesIO()
+    render(scene, random.Random(image_seed), image_size).save(buf, format="PNG", optimize=False)
+    return {
+        "__key__": key,
+        "png": buf.getvalue(),
+        "json": json.dumps(
+            {"id": key, "captions": captions_for(scene), "shapes": [astuple(s) for s in scene], **meta}
+        ).encode(),
+    }
+
+
+def generate(
+    n: int,
+    seed: int,
+    split: str,
+    unique_captions: bool,
+    image_size: int,
+    group_fraction: float = 0.0,
+    part: int | None = None,
+    first: int = 0,
+    attributes: Sequence[str] = tuple(GROUP_ATTRIBUTES),
+) -> Iterator[dict]:
+    """``n`` samples. A fraction ``group_fraction`` of them (1.0: all) come in hard-negative groups, written
+    one after another: images that differ only in the shape, colour, position or size of one shape, the
+    attribute cycling group by group. Their json carries ``group`` (a name shared by the group) and
+    ``varies`` (the attribute). ``unique_captions``: no caption appears twice in the split. ``part``: an
+    independent stream of the split (one per training shard, so shards can be written in parallel);
+    sample keys count from ``first``."""
+    rng = random.Random(f"{seed}-{split}" if part is None else f"{seed}-{split}-{part}")
     seen: set[str] = set()
-    made = 0
+    made = grouped = groups = 0
     while made < n:
-        shapes = sample_shapes(rng)
-        captions = captions_for(shapes)
+        base = sample_shapes(rng)
+        image_seed = rng.getrandbits(63)
+        if grouped < group_fraction * (made + 1):  # keeps the share of grouped images at the fraction
+            attribute = attributes[groups % len(attributes)]
+            scenes = vary(base, attribute, rng, min(GROUP_ATTRIBUTES[attribute], n - made))
+            meta = {"split": split, "group": f"{split}-g{groups:06d}", "varies": attribute}
+        else:
+            scenes, meta = [base], {"split": split}
+        captions = [c for scene in scenes for c in captions_for(scene)]
         if unique_captions and any(c in seen for c in captions):
             continue
         seen.update(captions)
-        buf = io.BytesIO()
-        render(shapes, rng, image_size).save(buf, format="PNG", optimize=False)
-        key = f"{split}{made:07d}"
-        yield {
-            "__key__": key,
-            "png": buf.getvalue(),
-            "json": json.dumps({"id": key, "captions": captions, "split": split}).encode(),
-        }
-        made += 1
+        groups += len(scenes) > 1
+        grouped += len(scenes) if len(scenes) > 1 else 0
+        for scene in scenes:
+            yield _sample(f"{split}{first + made:07d}", scene, image_seed, image_size, meta)
+            made += 1
 
 
 @dataclass(frozen=True)
@@ -142,6 +205,12 @@ class ShapesSpec:
     image_size: int = 64
     samples_per_shard: int = 5_000
     val_shards: int = 4  # several, so evaluation can be sharded over ranks and workers
+    # training images that come in hard-negative groups (written together, so with a small shuffle buffer
+    # they meet in one batch); every held-out image is in one
+    train_group_fraction: float = 0.5
+    # what training groups vary, in turn: shape twice as often as the rest (colour, size and position are
+    # learnt from random scenes alone within the default job; shape is the last attribute learnt)
+    train_group_attributes: tuple[str, ...] = ("shape", "colour", "shape", "size", "shape", "position")
 
 
 def spec_key(spec: ShapesSpec) -> str:
@@ -158,11 +227,18 @@ def write_shapes_shards(out_dir: str | Path, **spec_kwargs) -> dict[str, list[st
     so an interrupted generation is redone, never half-used; a file lock per spec keeps concurrent
     processes (ranks, runs) from generating the same set at once.
     """
+    if "train_group_attributes" in spec_kwargs:  # a list from the config
+        spec_kwargs["train_group_attributes"] = tuple(spec_kwargs["train_group_attributes"])
+    unknown = set(spec_kwargs.get("train_group_attributes", ())) - set(GROUP_ATTRIBUTES)
+    if unknown:
+        raise ValueError(f"train_group_attributes: {sorted(unknown)} not among {list(GROUP_ATTRIBUTES)}")
     spec = ShapesSpec(**spec_kwargs)
     out = Path(out_dir) / spec_key(spec)
     out.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out / ".lock")):
-        manifest = _read_manifest(out, {"format": FORMAT_VERSION, **asdict(spec)})
+        # as the manifest holds it (JSON: tuples read back as lists)
+        want = json.loads(json.dumps({"format": FORMAT_VERSION, **asdict(spec)}))
+        manifest = _read_manifest(out, want)
         if manifest is None:
             manifest = _write(out, spec)
     return {split: [str(out / name) for name in names] for split, names in manifest["splits"].items()}
@@ -186,23 +262,53 @@ def _read_manifest(out: Path, want: dict) -> dict | None:
     return None
 
 
+def _write_shard(job: tuple[Path, ShapesSpec, str, int, int, int]) -> None:
+    path, spec, split, n, part, first = job
+    with wds.TarWriter(str(path)) as sink:
+        for sample in generate(
+            n,
+            spec.seed,
+            split,
+            False,
+            spec.image_size,
+            spec.train_group_fraction,
+            part,
+            first,
+            spec.train_group_attributes,
+        ):
+            sink.write(sample)
+
+
 def _write(out: Path, spec: ShapesSpec) -> dict:
     start = time.perf_counter()
     (out / "manifest.json").unlink(missing_ok=True)  # until the new set is whole, it is not a set
     for leftover in out.glob(".staging-*"):  # a killed generation's; the lock says none is running now
         shutil.rmtree(leftover, ignore_errors=True)
-    splits: dict[str, list[str]] = {}
-    plan = (
-        ("train", spec.n_train, False, spec.samples_per_shard),
-        ("val", spec.n_val, True, max(1, math.ceil(spec.n_val / spec.val_shards))),
-    )
     with tempfile.TemporaryDirectory(dir=out, prefix=".staging-") as staging:
-        for split, n, unique, per_shard in plan:
-            pattern = str(Path(staging) / f"{split}-%06d.tar")
-            with wds.ShardWriter(pattern, maxcount=per_shard, verbose=0) as sink:
-                for sample in generate(n, spec.seed, split, unique, spec.image_size):
-                    sink.write(sample)
-            splits[split] = sorted(p.name for p in Path(staging).glob(f"{split}-*.tar"))
+        # training shards are independent streams, written in parallel; the held-out split is one
+        # stream (its captions are unique across it)
+        sizes = [
+            min(spec.samples_per_shard, spec.n_train - first)
+            for first in range(0, spec.n_train, spec.samples_per_shard)
+        ]
+        jobs = [
+            (Path(staging) / f"train-{part:06d}.tar", spec, "train", n, part, part * spec.samples_per_shard)
+            for part, n in enumerate(sizes)
+        ]
+        per_val_shard = max(1, math.ceil(spec.n_val / spec.val_shards))
+        workers = min(len(jobs), os.cpu_count() or 1, 8)
+        if workers > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                list(pool.map(_write_shard, jobs))
+        else:
+            for job in jobs:
+                _write_shard(job)
+        with wds.ShardWriter(str(Path(staging) / "val-%06d.tar"), maxcount=per_val_shard, verbose=0) as sink:
+            for sample in generate(spec.n_val, spec.seed, "val", True, spec.image_size, 1.0):
+                sink.write(sample)
+        splits = {
+            split: sorted(p.name for p in Path(staging).glob(f"{split}-*.tar")) for split in ("train", "val")
+        }
         # renamed, never rewritten in place: a reader holding an old copy keeps reading it whole
         for shard in Path(staging).glob("*.tar"):
             os.replace(shard, out / shard.name)

@@ -152,6 +152,17 @@ def decode(sample: dict, caption_key: str, skips: SkipCounter) -> dict | None:
     return {"image": image, "captions": captions, "id": sample["__key__"]}
 
 
+def read_group(sample: dict, kinds: Sequence[str]) -> tuple[int, int]:
+    """``(group, kind)`` of a held-out sample in a hard-negative group (its json's ``group`` name as an
+    int, and the index of its ``varies`` in ``kinds``); ``(0, -1)`` for a sample in none."""
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    group = meta.get("group") if isinstance(meta, dict) else None
+    kind = meta.get("varies") if group is not None else None
+    if group is None or kind not in kinds:
+        return 0, -1
+    return sample_id_to_int(str(group)), kinds.index(kind)
+
+
 def stable_seed(*parts) -> int:
     """A 63-bit seed from any parts, the same in every process (unlike ``hash``)."""
     key = "-".join(map(str, parts)).encode()
@@ -188,9 +199,17 @@ class _Stages:
     """
 
     def __init__(
-        self, tokenizer, transform: Callable, caption_key: str, train: bool, seed: int, shuffle_buffer: int
+        self,
+        tokenizer,
+        transform: Callable,
+        caption_key: str,
+        train: bool,
+        seed: int,
+        shuffle_buffer: int,
+        group_kinds: Sequence[str] = (),
     ):
         self.tokenizer = tokenizer
+        self.group_kinds = tuple(group_kinds)
         self.transform = transform
         self.caption_key = caption_key
         self.train = train
@@ -220,6 +239,8 @@ class _Stages:
         for sample in src:
             out = decode(sample, self.caption_key, self.skips)
             if out is not None:
+                if self.group_kinds and not self.train:
+                    out["group"], out["group_kind"] = read_group(sample, self.group_kinds)
                 pending.append(out)
             if len(pending) == AUGMENT_CHUNK:
                 yield from self._transform(pending, augment_rng)
@@ -261,13 +282,17 @@ class _Stages:
         ids = [sample_id_to_int(s["id"]) for s in samples]
         captions = [c for s in samples for c in s["captions"]]
         caption_ids = [i for s, i in zip(samples, ids, strict=True) for _ in s["captions"]]
-        return {
+        batch = {
             "image": torch.stack([s["image"] for s in samples]),
             "id": torch.tensor(ids),
             "text": self.tokenizer(captions),
             "text_id": torch.tensor(caption_ids),
             "skipped": self.skips.take(),
         }
+        if self.group_kinds:
+            batch["group"] = torch.tensor([s["group"] for s in samples])
+            batch["group_kind"] = torch.tensor([s["group_kind"] for s in samples])
+        return batch
 
 
 class ShardPipeline(wds.DataPipeline):
@@ -442,10 +467,12 @@ def build_pipeline(
     resampled: bool = False,
     seed: int = 0,
     shard_watch: ShardWatch | None = None,
+    group_kinds: Sequence[str] = (),
 ) -> ShardPipeline:
-    """``shard_watch``: notes which shard each loader worker reads (see WatchedLoader)."""
+    """``shard_watch``: notes which shard each loader worker reads (see WatchedLoader). ``group_kinds``:
+    held-out batches also carry each image's hard-negative ``group`` and ``group_kind`` (see read_group)."""
     urls = expand_shards(shards)
-    stages = _Stages(tokenizer, transform, caption_key, train, seed, shuffle_buffer)
+    stages = _Stages(tokenizer, transform, caption_key, train, seed, shuffle_buffer, group_kinds)
     steps: list = [wds.ResampledShards(urls, seed=seed) if resampled else wds.SimpleShardList(urls)]
     if train and not resampled:
         steps.append(stages.shuffle_shards)

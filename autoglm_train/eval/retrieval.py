@@ -53,3 +53,44 @@ def retrieval_metrics(
     out = {f"i2t_r{k}": v for k, v in i2t.items()} | {f"t2i_r{k}": v for k, v in t2i.items()}
     out["r1_mean"] = (out["i2t_r1"] + out["t2i_r1"]) / 2
     return out
+
+
+@torch.no_grad()
+def group_recall(
+    image_emb: torch.Tensor,
+    image_ids: torch.Tensor,
+    text_emb: torch.Tensor,
+    text_image_ids: torch.Tensor,
+    image_groups: torch.Tensor,
+    image_kinds: torch.Tensor,
+    kinds: tuple[str, ...],
+) -> dict[str, float]:
+    """``hard_r1_<kind>``: R@1 within hard-negative groups, the mean of both directions.
+
+    A group is a set of images that differ in one attribute only (``image_groups`` names each image's group,
+    ``image_kinds`` indexes ``kinds`` for what its group varies; -1: in none). An image is scored against
+    the captions of its own group only, a caption against its group's images, so the figure says whether
+    the model tells that attribute apart (chance: 1 / group size), whatever else it confuses. Groups of one
+    image are left out. A kind without groups is left out of the result.
+    """
+    image_emb, text_emb = image_emb.float(), text_emb.float()
+    row_of = {int(i): r for r, i in enumerate(image_ids.tolist())}
+    text_rows = torch.tensor([row_of[int(i)] for i in text_image_ids.tolist()], dtype=torch.long)
+    text_groups = image_groups[text_rows]
+    # only groups with two images or more
+    _, inverse, counts = torch.unique(image_groups, return_inverse=True, return_counts=True)
+    in_group = (image_kinds >= 0) & (counts[inverse] > 1)
+    sims = image_emb @ text_emb.T  # [N, M]; held-out sets are small, and only this pass needs the whole
+    same = image_groups[:, None] == text_groups[None, :]
+    masked = sims.masked_fill(~same, float("-inf"))
+    i2t_hit = text_rows[masked.argmax(dim=1)] == torch.arange(len(image_ids))
+    t2i_hit = masked.argmax(dim=0) == text_rows
+    out = {}
+    for k, name in enumerate(kinds):
+        images = in_group & (image_kinds == k)
+        if images.any():
+            texts = images[text_rows]
+            i2t = i2t_hit[images].double().mean().item()
+            t2i = t2i_hit[texts].double().mean().item()
+            out[f"hard_r1_{name}"] = (i2t + t2i) / 2
+    return out

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
 
-from autoglm_train.data.shapes import COLOURS, SHAPES, SIZES, Shape, position_name, render
+from autoglm_train.data.shapes import CELLS, COLOURS, SHAPES, SIZES, Shape, position_name, render
 from autoglm_train.data.shards import IMAGE_KEYS, expand_shards, read_image
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
@@ -217,7 +217,7 @@ def _shapes_templates(slot: str) -> list[str]:
     every value of the nuisance words (size, position and the other attribute) rather than guessing one:
     the shape task's prompt for "circle" never names a colour the image may not have, and vice versa.
     """
-    positions = [position_name(r, c) for r in range(3) for c in range(3)]
+    positions = [position_name(r, c) for r, c in CELLS]
     colours = ["{}"] if slot == "colour" else list(COLOURS)
     kinds = ["{}"] if slot == "shape" else list(SHAPES)
     return [f"a {size} {c} {k} at {p}" for size in SIZES for c in colours for k in kinds for p in positions]
@@ -244,7 +244,7 @@ def shapes_zeroshot_samples(n: int, seed: int, image_size: int) -> list[tuple[Im
     rng.shuffle(colours)
     out = []
     for kind, colour in zip(kinds, colours, strict=True):
-        shape = Shape(kind, colour, rng.choice(list(SIZES)), rng.randrange(3), rng.randrange(3))
+        shape = Shape(kind, colour, rng.choice(list(SIZES)), *rng.choice(CELLS))
         out.append((render([shape], rng, image_size), {"shape": kind, "colour": colour}))
     return out
 

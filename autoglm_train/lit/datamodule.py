@@ -47,7 +47,9 @@ class ShardDataModule(L.LightningDataModule):
     Call ``attach(tokenizer, model_data_config)`` before the loaders are asked for: the transform follows
     the image tower's preprocessing (input size, mean, std, interpolation of its weights; ``image_size``
     overrides the size when set). ``timeout``: seconds a loader with workers waits for a batch before a
-    ShardStallError names the shards its workers were reading (0 or None: forever).
+    ShardStallError names the shards its workers were reading (0 or None: forever). ``hard_groups``: the
+    kinds of hard-negative group (``varies`` in a held-out sample's json, e.g. ``shape``) whose
+    within-group recall validation reports as ``val/hard_r1_<kind>``.
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class ShardDataModule(L.LightningDataModule):
         missing_hint: str = "",
         seed: int = 0,
         timeout: float | None = 600.0,
+        hard_groups: Sequence[str] | None = None,
     ):
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
@@ -81,6 +84,7 @@ class ShardDataModule(L.LightningDataModule):
         self.prepare, self.missing_hint = prepare, missing_hint
         self.seed = seed
         self.timeout = timeout or 0
+        self.hard_groups = tuple(hard_groups or ())
         self.tokenizer = None
         self.train_transform = self.eval_transform = None
         self.stream_epoch = 0  # the training stream's current epoch (lit/run_state.py counts batches in it)
@@ -148,6 +152,7 @@ class ShardDataModule(L.LightningDataModule):
             resampled=self.resampled and train,
             seed=self.seed,
             shard_watch=watch,
+            group_kinds=self.hard_groups,
         )
         if train and self.resampled:
             pipeline = pipeline.with_epoch(self.resampled_epoch_batches(max(workers, 1)))

@@ -11,7 +11,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from autoglm_train.distributed.gather import gather_variable, gather_with_grad
-from autoglm_train.eval.retrieval import retrieval_metrics
+from autoglm_train.eval.retrieval import group_recall, retrieval_metrics
 from autoglm_train.lit.grad_cache import grad_cache_step
 
 
@@ -147,14 +147,22 @@ class DualEncoderModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # --- evaluation -----------------------------------------------------------------------------------
+    def _hard_groups(self) -> tuple[str, ...]:
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        return tuple(getattr(datamodule, "hard_groups", ()) or ())
+
     def on_validation_epoch_start(self) -> None:
+        # the same keys on every rank (each gathers each), whether or not its share has batches
         self._val = {"image": [], "id": [], "text": [], "text_id": []}
+        if self._hard_groups():
+            self._val |= {"group": [], "group_kind": []}
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._val["image"].append(self.model.encode_image(batch["image"]).float())
         self._val["text"].append(self.model.encode_text(batch["text"]).float())
-        self._val["id"].append(batch["id"])
-        self._val["text_id"].append(batch["text_id"])
+        for key in ("id", "text_id", "group", "group_kind"):
+            if key in self._val:
+                self._val[key].append(batch[key])
 
     def on_validation_epoch_end(self) -> None:
         # each rank embedded its share of the held-out shards; every rank scores the gathered whole
@@ -172,6 +180,16 @@ class DualEncoderModule(L.LightningModule):
             parts["text_id"],
             chunk_size=self.hparams.eval_chunk_size,
         )
+        if "group" in parts:
+            metrics |= group_recall(
+                parts["image"],
+                parts["id"],
+                parts["text"],
+                parts["text_id"],
+                parts["group"],
+                parts["group_kind"],
+                self._hard_groups(),
+            )
         metrics = {f"val/{k}": v for k, v in metrics.items()}
         metrics["val/images"] = float(parts["image"].shape[0])
         metrics["val/captions"] = float(parts["text"].shape[0])
