@@ -28,6 +28,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from autoglm_train.build import model_family
 from autoglm_train.compress.prune import IMPORTANCES, KINDS, SCOPES
+from autoglm_train.data.shapes import GROUP_ATTRIBUTES
 from autoglm_train.distributed.compression import MODES as COMPRESSION_MODES
 from autoglm_train.losses.schedules import SCHEDULES
 from autoglm_train.losses.triplet import MINING_MODES
@@ -416,6 +417,18 @@ DATA_RULES = [
     integer("data.prepare.image_size", 1),
     integer("data.prepare.samples_per_shard", 1),
     integer("data.prepare.val_shards", 1),
+    number("data.prepare.train_group_fraction", 0, 1),
+    custom(
+        "data.prepare.train_group_attributes",
+        f"a non-empty list of {', '.join(GROUP_ATTRIBUTES)}",
+        lambda v: isinstance(v, list) and bool(v) and all(a in GROUP_ATTRIBUTES for a in v),
+    ),
+    custom(
+        "data.hard_groups",
+        "a list of attribute names (what a held-out hard-negative group varies)",
+        lambda v: isinstance(v, list) and all(isinstance(k, str) and k for k in v),
+        null=True,
+    ),
 ]
 
 MODEL_RULES = [
@@ -433,6 +446,7 @@ MODEL_RULES = [
     flag("model.grad_checkpointing"),
     flag("model.compile"),
     number("model.image_tower.patch_dropout", 0, 1, high_open=True),
+    flag("model.image_tower.channels_last"),
     # the timm image tower (model=small, vit_b16; model/text_tower=hf keeps it)
     custom(
         "model.image_tower.name",

@@ -33,11 +33,13 @@ from autoglm_train.losses.objective import Objective
 from autoglm_train.model.dual_encoder import DualEncoder
 from autoglm_train.model.towers import ImageTower, TextTower
 from autoglm_train.train import core_callbacks
+from autoglm_train.utils.hardware import cpu_precision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loss_comparison import RESULTS, replace_section  # noqa: E402
 
-OPTIMIZER = partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
+# as the default job runs: fused AdamW, channels_last image tower, bf16 autocast where the CPU has it
+OPTIMIZER = partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6, fused=True)
 
 
 def shapes_batch(batch_size: int, image_size: int = 64):
@@ -78,11 +80,12 @@ class StepTimer(L.Callback):
         self.end = time.perf_counter()
 
 
-def run_ours(model: DualEncoder, batch: dict, steps: int, warmup: int) -> float:
+def run_ours(model: DualEncoder, batch: dict, steps: int, warmup: int, precision: str) -> float:
     module = DualEncoderModule(model, Objective({"infonce": InfoNCE()}), optimizer=OPTIMIZER)
     timer = StepTimer(warmup)
     trainer = L.Trainer(
         accelerator="cpu",
+        precision=precision,
         max_steps=warmup + steps,
         logger=False,
         enable_checkpointing=False,
@@ -97,15 +100,16 @@ def run_ours(model: DualEncoder, batch: dict, steps: int, warmup: int) -> float:
     return timer.end - timer.start
 
 
-def run_bare(model: DualEncoder, batch: dict, steps: int, warmup: int) -> float:
+def run_bare(model: DualEncoder, batch: dict, steps: int, warmup: int, precision: str) -> float:
     optimizer = OPTIMIZER(model.param_groups(0.1))
     model.train()
     start = 0.0
     for step in range(warmup + steps):
         if step == warmup:
             start = time.perf_counter()
-        image, text, scale = model(batch["image"], batch["text"])
-        loss = infonce_loss(image, text, image, text, scale)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            image, text, scale = model(batch["image"], batch["text"])
+            loss = infonce_loss(image, text, image, text, scale)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -118,16 +122,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--precision", default=cpu_precision(), choices=("32-true", "bf16-mixed"))
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/results.md alone")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     batch, vocab_size = shapes_batch(args.batch_size)
-    initial = DualEncoder(ImageTower("resnet18"), TextTower(vocab_size, 256, 2, 4, 32), embed_dim=256)
+    image_tower = ImageTower("resnet18", channels_last=True)
+    initial = DualEncoder(image_tower, TextTower(vocab_size, 256, 2, 4, 32), embed_dim=256)
     rates: dict[str, list[float]] = {"bare": [], "ours": []}
     for r in range(args.rounds):
         for name, fn in (("bare", run_bare), ("ours", run_ours)):
-            seconds = fn(copy.deepcopy(initial), batch, args.steps, args.warmup)
+            seconds = fn(copy.deepcopy(initial), batch, args.steps, args.warmup, args.precision)
             rates[name].append(args.steps * args.batch_size / seconds)
             print(f"round {r + 1}/{args.rounds} {name:>4}: {rates[name][-1]:8.1f} samples/s", flush=True)
     ours, bare = statistics.median(rates["ours"]), statistics.median(rates["bare"])
@@ -144,6 +150,7 @@ def main() -> None:
                 "steps": args.steps,
                 "rounds": args.rounds,
                 "threads": torch.get_num_threads(),
+                "precision": args.precision,
                 "ours_samples_per_s": round(ours, 2),
                 "bare_samples_per_s": round(bare, 2),
                 "ratio": round(ours / bare, 4),
@@ -160,7 +167,9 @@ def write_results(args, rates: dict[str, list[float]], ours: float, bare: float)
         "## Training-step overhead\n\n"
         f"`python bench/step_overhead.py --batch-size {args.batch_size} --steps {args.steps} "
         f"--rounds {args.rounds}`: ResNet-18 + 2-layer text transformer, one real shapes batch of "
-        f"{args.batch_size}, AdamW, {torch.get_num_threads()} threads; {args.steps} timed steps per round "
+        f"{args.batch_size}, fused AdamW, channels_last, {args.precision}, "
+        f"{torch.get_num_threads()} threads; "
+        f"{args.steps} timed steps per round "
         f"after {args.warmup} warm-up steps, bare loop and ours interleaved.\n\n"
         "| round | bare PyTorch loop, samples/s | ours (Lightning + module + objective), samples/s |\n"
         "|---|---|---|\n"

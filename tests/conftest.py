@@ -23,6 +23,7 @@ TINY = [
     "data.batch_size=64",
     "data.eval_batch_size=100",
     "data.num_workers=0",
+    "trainer.precision=32-true",  # the tests compare numbers at fp32 (bf16 is tested where named)
     "data.image_size=32",
     "data.shuffle_buffer=500",
     "data.prepare.n_train=3000",

@@ -44,6 +44,10 @@ BAD_TRAINING = [
     (["trainer=ddp_cpu", "compression=powersgd", "compression.start_iter=1"], "compression.start_iter"),
     (["eval.zeroshot.task=folder"], "eval.zeroshot.root"),
     (["momentum.m=1.5"], "momentum.m"),
+    (["data.prepare.train_group_fraction=1.5"], "data.prepare.train_group_fraction"),
+    (["data.prepare.train_group_attributes=[shape,texture]"], "data.prepare.train_group_attributes"),
+    (["data.hard_groups=[shape,3]"], "data.hard_groups"),
+    (["model.image_tower.channels_last=maybe"], "model.image_tower.channels_last"),
 ]
 
 BAD_COMPRESSION = [
