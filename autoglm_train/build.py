@@ -7,6 +7,7 @@ import copy
 import hashlib
 import logging
 import time
+from functools import partial
 from pathlib import Path
 
 from hydra.utils import instantiate
@@ -133,3 +134,40 @@ def without_weights(model_cfg: DictConfig) -> DictConfig:
         if family == "hf":
             model_cfg.text_tower.pretrained = False  # its config.json is still read (name or directory)
     return model_cfg
+
+
+def build_zeroshot(cfg: DictConfig, data_cfg: DictConfig | None = None):
+    """``eval.zeroshot`` as ``LabelledImages`` for eval/zeroshot.py: the shapes set's shape and colour
+    tasks (rendered at the run's image size: ``data.prepare.image_size``, else ``data.image_size``), an
+    image folder or labelled shards with class names and prompt templates."""
+    from autoglm_train.data import labelled
+    from autoglm_train.eval.zeroshot import LabelledImages, ZeroShotTask
+
+    templates = list(cfg.templates)
+    if cfg.task == "shapes":
+        from autoglm_train.data.shapes_zeroshot import SHAPES_TASKS, TASK_TOPK, shapes_zeroshot_batches
+
+        data_cfg = data_cfg or {}
+        image_size = (data_cfg.get("prepare") or {}).get("image_size") or data_cfg.get("image_size") or 64
+        tasks = [
+            ZeroShotTask(
+                f"zeroshot/{name}_", *SHAPES_TASKS[name], topk=topk, report=tuple(f"top{k}" for k in topk)
+            )
+            for name, topk in TASK_TOPK.items()
+        ]
+        return LabelledImages(partial(shapes_zeroshot_batches, image_size=int(image_size)), tasks)
+    if cfg.task == "folder":
+        if not cfg.root:
+            raise ValueError("eval.zeroshot.task=folder needs eval.zeroshot.root (root/<class>/*.jpg)")
+        folders = list(cfg.classnames or labelled.image_folder_classes(cfg.root))
+        task = ZeroShotTask("zeroshot/", labelled.prompt_names(folders), templates)
+        return LabelledImages(partial(labelled.image_folder_batches, cfg.root, classes=folders), [task])
+    if cfg.task == "shards":
+        if not (cfg.shards and cfg.classnames):
+            raise ValueError("eval.zeroshot.task=shards needs eval.zeroshot.shards and .classnames")
+        classnames = list(cfg.classnames)
+        batches = partial(
+            labelled.labelled_shard_batches, cfg.shards, classnames=classnames, label_key=cfg.label_key
+        )
+        return LabelledImages(batches, [ZeroShotTask("zeroshot/", classnames, templates)])
+    raise ValueError(f"eval.zeroshot.task must be null, shapes, folder or shards, not {cfg.task!r}")

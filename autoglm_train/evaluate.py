@@ -47,11 +47,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import RichProgressBar
 
+    from autoglm_train.build import build_zeroshot
     from autoglm_train.config_check import check_evaluate_config
+    from autoglm_train.eval.zeroshot import zeroshot_metrics
     from autoglm_train.lit.module import DualEncoderModule
     from autoglm_train.losses.infonce import InfoNCE
     from autoglm_train.losses.objective import Objective
-    from autoglm_train.train import finish_run, start_run, zeroshot_metrics
+    from autoglm_train.train import finish_run, start_run
 
     check_evaluate_config(cfg)  # every bad value at once, before a checkpoint or weights are read
     start = time.perf_counter()
@@ -81,7 +83,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     metrics = dict(module.last_val[1])
     if cfg.eval.zeroshot.task:
         metrics |= zeroshot_metrics(
-            cfg.eval.zeroshot, model, tokenizer, datamodule.eval_transform, module.device
+            model,
+            tokenizer,
+            build_zeroshot(cfg.eval.zeroshot, data_cfg),
+            datamodule.eval_transform,
+            cfg.eval.zeroshot.batch_size,
+            module.device,
         )
     metrics["time/run_s"] = time.perf_counter() - start
     if trainer.is_global_zero:

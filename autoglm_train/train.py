@@ -22,11 +22,14 @@ from rich.table import Table
 from autoglm_train.build import (
     build_model,
     build_run_tokenizer,
+    build_zeroshot,
     check_model_weights,
     split_optimizer_config,
     without_weights,
 )
 from autoglm_train.config_check import check_train_config
+from autoglm_train.eval.run_metrics import final_metrics
+from autoglm_train.eval.zeroshot import zeroshot_metrics
 from autoglm_train.lit.callbacks import CommStats, TrainTimer
 from autoglm_train.lit.divergence import DivergenceGuard
 from autoglm_train.lit.grad_cache import batch_norm_notice
@@ -90,73 +93,6 @@ def check_launch(trainer: L.Trainer) -> str:
             "the ranks, or run each point of the sweep as its own command"
         )
     return type(environment).__name__
-
-
-def final_metrics(
-    module: DualEncoderModule, trainer: L.Trainer, datamodule, timer: TrainTimer, run_state: RunState
-) -> dict[str, float]:
-    if module.last_val is None or module.last_val[0] != trainer.global_step:
-        trainer.validate(module, datamodule=datamodule, verbose=False)
-    metrics = dict(module.last_val[1])
-    skipped = run_state.skipped_totals()
-    per_step = datamodule.batch_size * trainer.accumulate_grad_batches * trainer.world_size
-    samples = trainer.global_step * per_step
-    metrics.update(
-        {
-            "train/steps": float(trainer.global_step),
-            "train/samples": float(samples),
-            "time/train_s": timer.fit_s,
-            "time/samples_per_s": samples / timer.train_s if trainer.global_step else 0.0,
-            "data/skipped": float(sum(skipped.values())),
-        }
-    )
-    for reason, count in skipped.items():
-        metrics[f"data/skipped_{reason}"] = float(count)
-    return metrics
-
-
-@torch.no_grad()
-def zeroshot_metrics(cfg: DictConfig, model, tokenizer, transform, device) -> dict[str, float]:
-    """``eval.zeroshot``: shapes' shape and colour, or an image folder / labelled shards with class names
-    and prompt templates. Keys ``zeroshot/*``."""
-    from autoglm_train.eval import zeroshot
-
-    was_training = model.training
-    model.eval()
-    try:
-        if cfg.task == "shapes":
-            return zeroshot.evaluate_shapes_zeroshot(
-                model.encode_image,
-                model.encode_text,
-                tokenizer,
-                transform,
-                batch_size=cfg.batch_size,
-                device=device,
-            )
-        if cfg.task == "folder":
-            if not cfg.root:
-                raise ValueError("eval.zeroshot.task=folder needs eval.zeroshot.root (root/<class>/*.jpg)")
-            folders = list(cfg.classnames or zeroshot.image_folder_classes(cfg.root))
-            classnames = zeroshot.prompt_names(folders)
-            batches = zeroshot.image_folder_batches(cfg.root, transform, cfg.batch_size, folders)
-        elif cfg.task == "shards":
-            if not (cfg.shards and cfg.classnames):
-                raise ValueError("eval.zeroshot.task=shards needs eval.zeroshot.shards and .classnames")
-            classnames = list(cfg.classnames)
-            batches = zeroshot.labelled_shard_batches(
-                cfg.shards, transform, cfg.batch_size, classnames, cfg.label_key
-            )
-        else:
-            raise ValueError(f"eval.zeroshot.task must be null, shapes, folder or shards, not {cfg.task!r}")
-        classifier = zeroshot.build_classifier(
-            model.encode_text, tokenizer, classnames, list(cfg.templates), device=device
-        )
-        found = zeroshot.zeroshot_accuracy(model.encode_image, classifier, batches)
-        return {f"zeroshot/top{k}": float(found[f"top{k}"]) for k in (1, 5)} | {
-            "zeroshot/mean_per_class": float(found["mean_per_class"])
-        }
-    finally:
-        model.train(was_training)
 
 
 def print_results(metrics: dict[str, float], output_dir: Path) -> None:
@@ -262,8 +198,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
     trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt", weights_only=False)
     metrics = final_metrics(module, trainer, datamodule, timer, run_state)
     if cfg.eval.zeroshot.task:
-        transform = datamodule.eval_transform
-        metrics |= zeroshot_metrics(cfg.eval.zeroshot, model, tokenizer, transform, module.device)
+        metrics |= zeroshot_metrics(
+            model,
+            tokenizer,
+            build_zeroshot(cfg.eval.zeroshot, cfg.data),
+            datamodule.eval_transform,
+            cfg.eval.zeroshot.batch_size,
+            module.device,
+        )
     # the whole run: data generation, tokenizer and evaluations included
     metrics["time/run_s"] = time.perf_counter() - run_start
 

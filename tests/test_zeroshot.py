@@ -2,25 +2,31 @@ import io
 import json
 import tarfile
 from collections import Counter
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from PIL import Image
 
-from autoglm_train.data.shapes import CELLS, COLOURS, SHAPES, SIZES, Shape, captions_for, position_name
-from autoglm_train.data.tokenizer import train_bpe
-from autoglm_train.eval.zeroshot import (
-    SHAPES_TASKS,
-    build_classifier,
-    evaluate_shapes_zeroshot,
+from autoglm_train.build import build_zeroshot
+from autoglm_train.data.labelled import (
     image_folder_batches,
     image_folder_classes,
     labelled_shard_batches,
     prompt_names,
-    shapes_zeroshot_samples,
+)
+from autoglm_train.data.shapes import CELLS, COLOURS, SHAPES, SIZES, Shape, captions_for, position_name
+from autoglm_train.data.shapes_zeroshot import SHAPES_TASKS, shapes_zeroshot_batches, shapes_zeroshot_samples
+from autoglm_train.data.tokenizer import train_bpe
+from autoglm_train.eval.zeroshot import (
+    LabelledImages,
+    build_classifier,
+    evaluate_zeroshot,
     zeroshot_accuracy,
+    zeroshot_metrics,
 )
 from autoglm_train.model.dual_encoder import DualEncoder
 from autoglm_train.model.towers import ImageTower, TextTower
@@ -266,6 +272,37 @@ def test_shapes_prompts_use_only_caption_words_and_hide_the_other_attribute():
     assert SHAPES_TASKS["shape"][0] == list(SHAPES) and SHAPES_TASKS["colour"][0] == list(COLOURS)
 
 
+def evaluate_shapes_zeroshot(encode_image, encode_text, tokenizer, transform, n, image_size, batch_size=100):
+    """The shapes tasks as the run builds them (build_zeroshot), on ``n`` images."""
+    tasks = build_zeroshot(SHAPES_CFG, OmegaConf.create({"image_size": image_size})).tasks
+    source = LabelledImages(partial(shapes_zeroshot_batches, n=n, image_size=image_size), tasks)
+    return evaluate_zeroshot(encode_image, encode_text, tokenizer, source, transform, batch_size)
+
+
+SHAPES_CFG = OmegaConf.create({"task": "shapes", "templates": ["a photo of a {}."]})
+
+
+def test_shapes_tasks_render_at_the_runs_image_size():
+    for data_cfg, size in (({"prepare": {"image_size": 48}, "image_size": 32}, 48), ({"image_size": 40}, 40)):
+        source = build_zeroshot(SHAPES_CFG, OmegaConf.create(data_cfg))
+        images, labels = next(iter(source.batches(to_tensor, 4)))
+        assert images.shape == (4, 3, size, size) and labels.shape == (4, 2)
+        assert [t.prefix for t in source.tasks] == ["zeroshot/shape_", "zeroshot/colour_"]
+
+
+def test_the_evaluation_package_knows_no_dataset():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, autoglm_train.eval.zeroshot, autoglm_train.eval.retrieval, "
+        "autoglm_train.eval.run_metrics;"
+        "print(sorted(m for m in sys.modules if m.startswith('autoglm_train.data')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_evaluate_shapes_zeroshot_with_a_tiny_untrained_model(tokenizer):
     torch.manual_seed(0)
     model = DualEncoder(
@@ -300,10 +337,6 @@ def test_evaluate_shapes_zeroshot_with_a_perfect_colour_reader(tokenizer):
 
 
 def test_training_entry_runs_the_configured_folder_task(tmp_path, tokenizer):
-    from omegaconf import OmegaConf
-
-    from autoglm_train.train import zeroshot_metrics
-
     for name, colour in (("red_square", (220, 30, 30)), ("blue_square", (30, 30, 220))):
         (tmp_path / name).mkdir()
         for k in range(3):
@@ -324,11 +357,11 @@ def test_training_entry_runs_the_configured_folder_task(tmp_path, tokenizer):
             "batch_size": 4,
         }
     )
-    out = zeroshot_metrics(cfg, model, tokenizer, to_tensor, "cpu")
+    out = zeroshot_metrics(model, tokenizer, build_zeroshot(cfg), to_tensor, cfg.batch_size, "cpu")
     assert set(out) == {"zeroshot/top1", "zeroshot/top5", "zeroshot/mean_per_class"}
     assert out["zeroshot/top5"] == 1.0 and 0 <= out["zeroshot/top1"] <= 1
     assert model.training  # restored after evaluating in eval mode
     with pytest.raises(ValueError, match="needs eval.zeroshot.root"):
-        zeroshot_metrics(OmegaConf.merge(cfg, {"root": None}), model, tokenizer, to_tensor, "cpu")
+        build_zeroshot(OmegaConf.merge(cfg, {"root": None}))
     with pytest.raises(ValueError, match="must be null, shapes, folder or shards"):
-        zeroshot_metrics(OmegaConf.merge(cfg, {"task": "imagenet"}), model, tokenizer, to_tensor, "cpu")
+        build_zeroshot(OmegaConf.merge(cfg, {"task": "imagenet"}))
