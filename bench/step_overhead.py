@@ -80,11 +80,12 @@ class StepTimer(L.Callback):
         self.end = time.perf_counter()
 
 
-def run_ours(model: DualEncoder, batch: dict, steps: int, warmup: int, precision: str) -> float:
-    module = DualEncoderModule(model, Objective({"infonce": InfoNCE()}), optimizer=OPTIMIZER)
+def timed_trainer(warmup: int, steps: int, precision: str, accelerator: str = "cpu"):
+    """A bare Trainer for ``warmup + steps`` steps with the callbacks every run has, and its step timer."""
     timer = StepTimer(warmup)
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
+        devices=1,
         precision=precision,
         max_steps=warmup + steps,
         logger=False,
@@ -95,6 +96,12 @@ def run_ours(model: DualEncoder, batch: dict, steps: int, warmup: int, precision
         limit_val_batches=0,
         callbacks=[timer, *core_callbacks()],  # as train.py runs it
     )
+    return trainer, timer
+
+
+def run_ours(model: DualEncoder, batch: dict, steps: int, warmup: int, precision: str) -> float:
+    module = DualEncoderModule(model, Objective({"infonce": InfoNCE()}), optimizer=OPTIMIZER)
+    trainer, timer = timed_trainer(warmup, steps, precision)
     loader = torch.utils.data.DataLoader(Repeat(batch, warmup + steps), batch_size=None)
     trainer.fit(module, train_dataloaders=loader)
     return timer.end - timer.start

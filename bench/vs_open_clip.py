@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import lightning as L
 import open_clip
 import torch
 import webdataset as wds
@@ -47,11 +46,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from autoglm_train.build import build_model, build_tokenizer, split_optimizer_config
 from autoglm_train.data.shards import expand_shards
 from autoglm_train.lit.module import DualEncoderModule
-from autoglm_train.train import core_callbacks
 from autoglm_train.utils.hardware import cpu_precision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loss_comparison import RESULTS, ROOT, replace_section  # noqa: E402
+from step_overhead import timed_trainer  # noqa: E402
 
 OPEN_CLIP_PRECISION = {"32-true": "fp32", "bf16-mixed": "amp_bf16"}
 
@@ -191,18 +190,6 @@ def run_open_clip(cfg, args, vocab_size, batches, device) -> float:
     return args.steps * args.batch_size / (timed.end - timed.start)
 
 
-class StepTimer(L.Callback):
-    def __init__(self, warmup: int):
-        self.warmup, self.start, self.end = warmup, 0.0, 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if batch_idx == self.warmup:
-            self.start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.end = time.perf_counter()
-
-
 class Batches(torch.utils.data.IterableDataset):
     def __init__(self, batches: list, n: int):
         self.batches, self.n = batches, n
@@ -216,20 +203,8 @@ def run_ours(cfg, args, tokenizer, datamodule, batches, device) -> float:
     model = build_model(cfg.model, tokenizer)
     optimizer_cfg, _, _ = split_optimizer_config(cfg.optimizer)
     module = DualEncoderModule(model, instantiate(cfg.loss.objective), optimizer=instantiate(optimizer_cfg))
-    timer = StepTimer(args.warmup)
-    trainer = L.Trainer(
-        accelerator="gpu" if device.startswith("cuda") else "cpu",
-        devices=1,
-        precision=args.precision,
-        max_steps=args.warmup + args.steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[timer, *core_callbacks()],
-    )
+    accelerator = "gpu" if device.startswith("cuda") else "cpu"
+    trainer, timer = timed_trainer(args.warmup, args.steps, args.precision, accelerator)
     if batches is None:
         trainer.fit(module, datamodule=datamodule)
     else:
