@@ -41,6 +41,8 @@ def test_short_training_lifts_recall_far_above_chance(tiny_cfg, tmp_path):
     assert zeroshot <= set(metrics) and all(0 <= metrics[k] <= 1 for k in zeroshot)
     saved = json.loads((run / "metrics.json").read_text())
     assert METRIC_KEYS <= set(saved) and all(isinstance(v, (int, float)) for v in saved.values())
+    # every held-out image is in a hard-negative group: within-group recall per attribute (data.hard_groups)
+    assert {f"val/hard_r1_{k}" for k in ("shape", "colour", "position", "size")} <= set(saved)
     assert saved["train/steps"] == 150 and saved["train/samples"] == 150 * 64
     assert (run / "checkpoints" / "last.ckpt").exists() and (run / "checkpoints" / "best.ckpt").exists()
     assert (run / "tokenizer.json").exists()

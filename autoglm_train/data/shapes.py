@@ -124,11 +124,10 @@ def render(shapes: list[Shape], rng: random.Random, image_size: int = 64) -> Ima
     return img
 
 
-def vary(base: list[Shape], attribute: str, rng: random.Random, size: int | None = None) -> list[list[Shape]]:
-    """``size`` scenes (``GROUP_ATTRIBUTES[attribute]`` by default), the first ``base``, that differ from
-    each other only in ``attribute`` of one shape (chosen at random; its index is kept, so rendering
-    draws the same jitter and tints for every scene)."""
-    size = size or GROUP_ATTRIBUTES[attribute]
+def vary(base: list[Shape], attribute: str, rng: random.Random, size: int) -> list[list[Shape]]:
+    """Up to ``size`` scenes, the first ``base``, that differ from each other only in ``attribute`` of one
+    shape (chosen at random; its index is kept, so rendering draws the same jitter and tints for every
+    scene). Fewer when the grid has fewer free cells than a position group asks for."""
     index = rng.randrange(len(base))
     shape = base[index]
     if attribute == "position":

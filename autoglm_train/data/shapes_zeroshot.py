@@ -30,7 +30,7 @@ def shapes_templates(slot: str) -> list[str]:
     return [f"a {size} {c} {k} at {p}" for size in SIZES for c in colours for k in kinds for p in positions]
 
 
-# shape: 4 classes x 144 prompts (2 sizes x 8 colours x 9 places); colour: 8 x 72 (2 sizes x 4 shapes x 9)
+# shape: 4 classes x 64 prompts (2 sizes x 8 colours x 4 places); colour: 8 x 32 (2 sizes x 4 shapes x 4)
 SHAPES_TASKS: dict[str, tuple[list[str], list[str]]] = {
     "shape": (list(SHAPES), shapes_templates("shape")),
     "colour": (list(COLOURS), shapes_templates("colour")),
