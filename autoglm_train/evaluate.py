@@ -67,7 +67,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             data_cfg.train_shards = data_cfg.val_shards
     datamodule = instantiate(data_cfg)
     datamodule.prepare_data()
-    datamodule.attach(tokenizer, model.image_tower.data_config)
+    datamodule.attach(tokenizer, model.image_tower.data_config, trim_text=model.text_trims_padding)
     # nothing is trained: the module is here for its validation pass, which needs an objective to hold
     module = DualEncoderModule(model, Objective({"infonce": InfoNCE()}), optimizer=None)
     trainer = L.Trainer(

@@ -154,7 +154,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         output_dir / "tokenizer.json",
     )
     model = build_model(model_cfg, tokenizer)
-    datamodule.attach(tokenizer, model.image_tower.data_config)
+    datamodule.attach(tokenizer, model.image_tower.data_config, trim_text=model.text_trims_padding)
 
     objective = instantiate(cfg.loss.objective)
     momentum = None

@@ -173,6 +173,20 @@ def test_globs_expand_sorted_and_sizes_give_the_epoch_length(tmp_path):
     assert epoch_samples_from_sizes(urls) == 33
 
 
+@pytest.mark.parametrize("trim", [False, True])
+def test_batches_drop_all_padding_token_columns_when_asked(shapes_dir, trim):
+    captions = (c for s in generate(300, 0, "train", False, 16) for c in json.loads(s["json"])["captions"])
+    tokenizer = train_bpe(captions, 1000, 77)  # CLIP's context: captions of ~20 tokens leave padding
+    shards = str(shapes_set(shapes_dir) / "train-000000.tar")
+    dm = ShardDataModule(shards, shards, batch_size=50, num_workers=0, image_size=32)
+    dm.attach(tokenizer, {"mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear"}, trim_text=trim)
+    for train in (True, False):
+        text = next(iter(dm._loader(train=train)))["text"]
+        longest = int((text != 0).sum(1).max())
+        assert text.shape[1] == (longest if trim else tokenizer.context_length)
+        assert longest < tokenizer.context_length  # the case is not degenerate
+
+
 def test_resampled_stream_needs_and_takes_an_epoch_length(tmp_path, shapes_dir, tokenizer):
     shards = str(shapes_set(shapes_dir) / "train-{000000..000002}.tar")
     dm = ShardDataModule(shards, shards, batch_size=50, num_workers=0, image_size=32, resampled=True)

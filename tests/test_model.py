@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from autoglm_train.model.dual_encoder import DualEncoder
-from autoglm_train.model.towers import ImageTower, TextTower
+from autoglm_train.model.towers import ImageTower, TextTower, trim_padding_columns
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,17 @@ def test_text_tower_output_does_not_depend_on_padding_length():
     torch.testing.assert_close(tower(tokens), tower(tokens[:, :6]), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="context_length"):
         tower(torch.ones(1, 17, dtype=torch.long))
+
+
+def test_tokens_trimmed_on_the_host_give_the_untrimmed_output():
+    # on a GPU the tower takes its tokens as they come (no length read mid-step); the loader trims them
+    torch.manual_seed(0)
+    tower = TextTower(30, width=32, depth=2, heads=4, context_length=16, pool="mean").eval()
+    tower.trim_padding = False
+    tokens = torch.tensor([[1, 5, 6, 7, 2, 0, 0, 0, 0, 0], [1, 8, 2, 0, 0, 0, 0, 0, 0, 0]])
+    trimmed = trim_padding_columns(tokens)
+    assert trimmed.shape == (2, 5) and torch.equal(trimmed, tokens[:, :5])
+    torch.testing.assert_close(tower(tokens), tower(trimmed), rtol=1e-5, atol=1e-6)
 
 
 def test_frozen_temperature_is_not_trained():

@@ -116,7 +116,18 @@ def brute_force_group_recall(image_emb, image_ids, text_emb, text_image_ids, gro
     return out
 
 
-def test_group_recall_equals_brute_force():
+DEVICES = [
+    "cpu",
+    # the module calls it with embeddings on the training GPU and ids gathered there too
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU (gpu_checks.sh runs it)"),
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_group_recall_equals_brute_force(device):
     g = torch.Generator().manual_seed(0)
     n = 40
     image_ids = torch.randperm(1000, generator=g)[:n] * 7 - 3000  # any int ids
@@ -128,7 +139,8 @@ def test_group_recall_equals_brute_force():
     text_emb = image_emb[[image_ids.tolist().index(i) for i in text_image_ids.tolist()]]
     text_emb = text_emb + 1.5 * torch.randn(text_emb.shape, generator=g)  # noisy: some hits, some misses
     names = ("shape", "colour", "position")
-    got = group_recall(image_emb, image_ids, text_emb, text_image_ids, groups, kinds, names)
+    on = [t.to(device) for t in (image_emb, image_ids, text_emb, text_image_ids, groups, kinds)]
+    got = group_recall(*on, names)
     want = brute_force_group_recall(image_emb, image_ids, text_emb, text_image_ids, groups, kinds, names)
     assert got.keys() == want.keys() == {f"hard_r1_{k}" for k in names}
     for key, value in want.items():

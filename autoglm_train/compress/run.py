@@ -35,7 +35,9 @@ def build_data(trained, cfg: DictConfig):
         data_cfg.num_workers = cfg.data.num_workers
     datamodule = instantiate(data_cfg)
     datamodule.prepare_data()
-    datamodule.attach(trained.tokenizer, trained.model.image_tower.data_config)
+    datamodule.attach(
+        trained.tokenizer, trained.model.image_tower.data_config, trim_text=trained.model.text_trims_padding
+    )
     return datamodule
 
 

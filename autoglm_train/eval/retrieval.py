@@ -73,9 +73,11 @@ def group_recall(
     the model tells that attribute apart (chance: 1 / group size), whatever else it confuses. Groups of one
     image are left out. A kind without groups is left out of the result.
     """
-    image_emb, text_emb = image_emb.float(), text_emb.float()
+    device = image_emb.device  # the module gathers on the GPU it trains on; the row maps start on the host
+    image_emb, text_emb = image_emb.float(), text_emb.float().to(device)
+    image_groups, image_kinds = image_groups.to(device), image_kinds.to(device)
     row_of = {int(i): r for r, i in enumerate(image_ids.tolist())}
-    text_rows = torch.tensor([row_of[int(i)] for i in text_image_ids.tolist()], dtype=torch.long)
+    text_rows = torch.tensor([row_of[int(i)] for i in text_image_ids.tolist()], device=device)
     text_groups = image_groups[text_rows]
     # only groups with two images or more
     _, inverse, counts = torch.unique(image_groups, return_inverse=True, return_counts=True)
@@ -83,7 +85,7 @@ def group_recall(
     sims = image_emb @ text_emb.T  # [N, M]; held-out sets are small, and only this pass needs the whole
     same = image_groups[:, None] == text_groups[None, :]
     masked = sims.masked_fill(~same, float("-inf"))
-    i2t_hit = text_rows[masked.argmax(dim=1)] == torch.arange(len(image_ids))
+    i2t_hit = text_rows[masked.argmax(dim=1)] == torch.arange(len(image_ids), device=device)
     t2i_hit = masked.argmax(dim=0) == text_rows
     out = {}
     for k, name in enumerate(kinds):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -25,6 +26,7 @@ from autoglm_train.data.shards import (
     missing_local_shards,
     stable_seed,
 )
+from autoglm_train.model.towers import trim_padding_columns
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,10 @@ def ignore_requeue_signal(worker_id: int) -> None:
     # Lightning seeds workers only when no worker_init_fn is set: keep its seeding
     if os.environ.get("PL_SEED_WORKERS") == "1":
         pl_worker_init_function(worker_id)
+
+
+def tokenize_trimmed(tokenizer, texts: list[str]) -> torch.Tensor:
+    return trim_padding_columns(tokenizer(texts))
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -111,10 +117,13 @@ class ShardDataModule(L.LightningDataModule):
             first_usable_sample(urls, self.caption_key)  # no usable sample at all is an error naming them
         self._prepared = True
 
-    def attach(self, tokenizer, model_data_config: dict) -> None:
+    def attach(self, tokenizer, model_data_config: dict, trim_text: bool = False) -> None:
         """``model_data_config``: the image tower's ``data_config`` (the preprocessing its weights
-        expect); ``image_size`` overrides its input size when set."""
+        expect); ``image_size`` overrides its input size when set. ``trim_text``: batches drop the token
+        columns that are padding in every row (for a text tower that masks padding, so the same output)."""
         self.tokenizer = tokenizer
+        if trim_text and tokenizer is not None:
+            self.tokenizer = functools.partial(tokenize_trimmed, tokenizer)  # pickles into spawned workers
         cfg = timm.data.resolve_data_config(model_data_config)
         size = self.image_size or cfg["input_size"][-1]
         common = {
@@ -163,6 +172,8 @@ class ShardDataModule(L.LightningDataModule):
             batch_size=None,
             num_workers=workers,
             prefetch_factor=4 if workers else None,
+            # page-locked batches copy to a GPU without blocking the host (as open_clip's loader does)
+            pin_memory=self.trainer is not None and self.trainer.strategy.root_device.type == "cuda",
             worker_init_fn=ignore_requeue_signal if workers else None,
             timeout=self.timeout if watch else 0,
         )

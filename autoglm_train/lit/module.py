@@ -78,7 +78,9 @@ class DualEncoderModule(L.LightningModule):
         else:
             out, logit_scale = self._grad_cache_step(batch, keys)
         n = batch["image"].shape[0]
-        self.log("train/loss", out["loss"], prog_bar=True, batch_size=n)
+        # a progress-bar value is read to the host every step (a GPU sync): only when a bar shows it
+        bar = self._trainer is not None and self.trainer.progress_bar_callback is not None
+        self.log("train/loss", out["loss"], prog_bar=bar, batch_size=n)
         for key, value in out.items():  # each term, and every scheduled value, on its own
             if key != "loss":
                 self.log(f"train/{key}", value, batch_size=n)

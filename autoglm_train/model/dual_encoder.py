@@ -90,6 +90,11 @@ class DualEncoder(nn.Module):
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_proj(self.text_tower(tokens)), dim=-1)
 
+    @property
+    def text_trims_padding(self) -> bool:
+        """Whether the text tower masks padding, so its batches may drop all-padding token columns."""
+        return bool(getattr(self.text_tower, "trim_padding", False))
+
     def logit_scale(self) -> torch.Tensor:
         return self.log_logit_scale[0].clamp(max=self.max_log_scale).exp()
 

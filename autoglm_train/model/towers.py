@@ -25,6 +25,11 @@ from autoglm_train.model.weights import check_timm_weights, load_into, read_stat
 IMAGE_PREFIXES = ("model.image_tower.backbone.", "image_tower.backbone.", "module.backbone.", "backbone.")
 
 
+def trim_padding_columns(tokens: torch.Tensor) -> torch.Tensor:
+    """Tokens without the trailing columns that are padding (id 0) in every row (right-padded rows)."""
+    return tokens[:, : int((tokens != 0).sum(1).max().clamp(min=1))]
+
+
 class LockableTower(nn.Module):
     """A tower that can be wholly locked (LiT): it then stays in eval mode (batch-norm statistics kept, no
     dropout, no patch dropout) and runs without autograd. Subclasses compute in ``_forward``."""
@@ -224,10 +229,11 @@ class TextTower(LockableTower):
     def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.shape[1] > self.context_length:
             raise ValueError(f"got {tokens.shape[1]} tokens, context_length is {self.context_length}")
-        # drop the columns that are padding in every row: masked anyway, and they cost most of the compute
-        if self.trim_padding:
-            longest = int((tokens != 0).sum(1).max().clamp(min=1))
-            tokens = tokens[:, :longest]
+        # drop the columns that are padding in every row: masked anyway, and they cost most of the compute.
+        # Only on the host: on a GPU reading the length stalls the launch queue mid-step (the training
+        # loader trims its batches on the host instead: ShardDataModule.attach(trim_text=True))
+        if self.trim_padding and tokens.device.type == "cpu":
+            tokens = trim_padding_columns(tokens)
         padding = tokens == 0
         x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
