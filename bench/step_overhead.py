@@ -74,10 +74,17 @@ class StepTimer(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == self.warmup:
-            self.start = time.perf_counter()
+            self.start = synced_clock()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.end = time.perf_counter()
+        self.end = synced_clock()
+
+
+def synced_clock() -> float:
+    """The time once queued GPU work is done (a GPU step returns before its kernels finish)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def timed_trainer(warmup: int, steps: int, precision: str, accelerator: str = "cpu"):

@@ -31,7 +31,6 @@ import itertools
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -50,7 +49,7 @@ from autoglm_train.utils.hardware import cpu_precision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loss_comparison import RESULTS, ROOT, replace_section  # noqa: E402
-from step_overhead import timed_trainer  # noqa: E402
+from step_overhead import synced_clock, timed_trainer  # noqa: E402
 
 OPEN_CLIP_PRECISION = {"32-true": "fp32", "bf16-mixed": "amp_bf16"}
 
@@ -62,6 +61,7 @@ def default_job_config(args):
         f"model.image_tower.name={args.image_model}",
         f"data.image_size={args.image_size}",
         "logger=none",
+        *args.override,
     ]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
@@ -129,7 +129,15 @@ def open_clip_loader(shards, tokenizer, preprocess, batch_size: int, workers: in
         wds.to_tuple("image", "text"),
         wds.batched(batch_size, partial=False),
     )
-    return wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers)
+    # page-locked on a GPU, as open_clip_train's loader is
+    pin = torch.cuda.is_available()
+    return wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin)
+
+
+def padded(tokens: torch.Tensor, cfg) -> torch.Tensor:
+    """Our loader's batches back to the full context (ours drop all-padding columns; open_clip's text
+    tower adds its positional embedding to the whole context)."""
+    return torch.nn.functional.pad(tokens, (0, cfg.model.text_tower.context_length - tokens.shape[1]))
 
 
 class DataInfo:
@@ -154,9 +162,9 @@ class Timed:
     def __iter__(self):
         for i, batch in enumerate(itertools.islice(self.batches, self.warmup + self.steps)):
             if i == self.warmup:
-                self.start = time.perf_counter()
+                self.start = synced_clock()
             yield batch
-        self.end = time.perf_counter()
+        self.end = synced_clock()
 
 
 def run_open_clip(cfg, args, vocab_size, batches, device) -> float:
@@ -224,7 +232,7 @@ def flops_per_sample(cfg, args, tokenizer, vocab_size, batch, device) -> dict[st
     for name, model in models.items():
         model = model.to(device)
         with FlopCounterMode(display=False) as counter:
-            result = model(images, texts)
+            result = model(images, texts if name == "ours" else padded(texts, cfg))
             first = result["image_features"] if isinstance(result, dict) else result[0]
             second = result["text_features"] if isinstance(result, dict) else result[1]
             (first.float().sum() + second.float().sum()).backward()
@@ -245,6 +253,12 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=None, help="loader workers (default: the job's)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for MFU")
+    parser.add_argument(
+        "--profile", default=None, help="write torch.profiler tables of both on the same batches to this file"
+    )
+    parser.add_argument(
+        "--override", action="append", default=[], help="a Hydra override of the job, e.g. model=vit_b16"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/results.md alone")
     args = parser.parse_args()
     if args.threads:
@@ -258,7 +272,8 @@ def main() -> None:
     tokenizer = build_tokenizer(
         cfg.tokenizer, cfg.model, datamodule.train_shards, datamodule.caption_key, None
     )
-    datamodule.attach(tokenizer, build_model(cfg.model, tokenizer).image_tower.data_config)
+    model = build_model(cfg.model, tokenizer)
+    datamodule.attach(tokenizer, model.image_tower.data_config, trim_text=model.text_trims_padding)
     same = list(itertools.islice(iter(datamodule.train_dataloader()), 4))
     data_config = datamodule.eval_transform_args
     preprocess = open_clip.image_transform(
@@ -281,7 +296,11 @@ def main() -> None:
             (
                 "same/open_clip",
                 lambda: run_open_clip(
-                    cfg, args, vocab, itertools.cycle([(b["image"], b["text"]) for b in same]), args.device
+                    cfg,
+                    args,
+                    vocab,
+                    itertools.cycle([(b["image"], padded(b["text"], cfg)) for b in same]),
+                    args.device,
                 ),
             ),
             ("own/ours", lambda: run_ours(cfg, args, tokenizer, datamodule, None, args.device)),
@@ -291,6 +310,8 @@ def main() -> None:
             rates[name].append(run())
             print(f"round {r + 1}/{args.rounds} {name:>15}: {rates[name][-1]:8.1f} samples/s", flush=True)
     median = {k: statistics.median(v) for k, v in rates.items()}
+    if args.profile:
+        profile_both(args, runs[:2], Path(args.profile))
     result = {
         "bench": "vs_open_clip",
         "device": args.device,
@@ -317,7 +338,9 @@ def main() -> None:
         flops = flops_per_sample(cfg, args, tokenizer, vocab, same[0], args.device)
         peak = args.peak_tflops * 1e12
         result["mfu"] = {
-            name: round(flops[name] * median[f"own/{name}"] / peak, 4) for name in ("ours", "open_clip")
+            f"{feed}/{name}": round(flops[name] * median[f"{feed}/{name}"] / peak, 4)
+            for feed in ("same", "own")
+            for name in ("ours", "open_clip")
         }
         result["flops_per_sample"] = flops
     result["ratio"] = result["own_pipelines"]["ratio"]
@@ -329,6 +352,20 @@ def main() -> None:
         f"{median['own/open_clip']:.1f}; ratio {result['ratio']:.3f} (target >= 1.0)"
     )
     print(json.dumps(result))
+
+
+def profile_both(args, runs, out: Path) -> None:
+    """Where each side's step time goes: torch.profiler's kernels and operators, top by device time."""
+    sort = "self_cuda_time_total" if args.device.startswith("cuda") else "self_cpu_time_total"
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if args.device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    tables = []
+    for name, run in runs:
+        with torch.profiler.profile(activities=activities) as prof:
+            run()
+        tables.append(f"== {name}\n" + prof.key_averages().table(sort_by=sort, row_limit=25))
+    out.write_text("\n\n".join(tables))
 
 
 def write_results(args, rates: dict[str, list[float]], result: dict) -> None:
