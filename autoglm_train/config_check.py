@@ -434,11 +434,13 @@ DATA_RULES = [
 MODEL_RULES = [
     integer("model.embed_dim", 1),
     one_of("model.projection_kind", PROJECTIONS),
+    integer("model.projection_rank", 1, null=True),
     number("model.init_temperature", 0, low_open=True, when=family_is("ours", "hf")),
     number("model.init_temperature", 0, low_open=True, null=True, when=family_is("open_clip")),
     flag("model.learn_temperature"),
     number("model.max_logit_scale", 0, low_open=True),  # used as log(max_logit_scale)
     flag("model.lock_image"),
+    flag("model.cache_locked_features", null=True),
     integer("model.lock_image_unlocked_groups", 0),
     flag("model.lock_image_freeze_bn"),
     flag("model.lock_text"),
@@ -551,6 +553,10 @@ COMPRESS_RULES = [
     flag("finetune.distill"),
     number("finetune.kl_weight", 0),
     number("finetune.mse_weight", 0),
+    flag("lowrank_heads.enabled"),
+    integer("lowrank_heads.rank", 1, null=True),
+    number("lowrank_heads.energy", 0, 1, low_open=True),
+    integer("lowrank_heads.finetune_steps", 0),
     flag("quantize.enabled"),
     integer("quantize.calibration_batches", 1),
     integer("data.num_workers", 0),
@@ -656,6 +662,15 @@ def text_tower_shape(cfg: DictConfig) -> list[str]:
     return []
 
 
+def projection_heads(cfg: DictConfig) -> list[str]:
+    kind, rank = value_of(cfg, "model.projection_kind"), value_of(cfg, "model.projection_rank")
+    if kind == "lowrank" and rank is None:
+        return ["model.projection_kind=lowrank: needs model.projection_rank=R (the factor rank)"]
+    if kind not in ("lowrank", None) and rank is not None:
+        return [f"model.projection_rank={show(rank)}: needs model.projection_kind=lowrank (got {kind})"]
+    return []
+
+
 def locking(cfg: DictConfig) -> list[str]:
     """Counts of unlocked groups/layers mean something only for a locked tower."""
     problems = []
@@ -669,6 +684,30 @@ def locking(cfg: DictConfig) -> list[str]:
             value = value_of(cfg, f"model.{key}")
             if value not in (None, 0, False):
                 problems.append(f"model.{key}={show(value)}: needs model.lock_{tower}=true")
+    return problems
+
+
+def feature_cache(cfg: DictConfig) -> list[str]:
+    """Cached features stand for the tower's output only if neither the tower nor the images change."""
+    if value_of(cfg, "model.cache_locked_features") is not True:
+        return []
+    problems = []
+    groups = value_of(cfg, "model.lock_image_unlocked_groups", 0)
+    if value_of(cfg, "model.lock_image") is not True or groups not in (None, 0):
+        problems.append(
+            "model.cache_locked_features=true: needs model.lock_image=true with "
+            f"model.lock_image_unlocked_groups=0 (got lock_image={show(value_of(cfg, 'model.lock_image'))}, "
+            f"unlocked groups {show(groups)})"
+        )
+    if value_of(cfg, "data.augment") not in (None, {}):
+        problems.append(
+            "model.cache_locked_features=true: needs data.augment=null (the features must not change)"
+        )
+    if value_of(cfg, "data.resampled") is True:
+        problems.append(
+            "model.cache_locked_features=true: reads each rank's cached shards once an epoch, while "
+            "data.resampled=true draws shards with replacement: set data.resampled=false"
+        )
     return problems
 
 
@@ -728,6 +767,8 @@ TRAIN_CHECKS = [
     loss_terms_and_weights,
     text_tower_shape,
     locking,
+    projection_heads,
+    feature_cache,
     trainer_combinations,
     zeroshot_inputs,
     shard_sources,

@@ -32,6 +32,7 @@ from autoglm_train.eval.run_metrics import final_metrics
 from autoglm_train.eval.zeroshot import zeroshot_metrics
 from autoglm_train.lit.callbacks import CommStats, TrainTimer
 from autoglm_train.lit.divergence import DivergenceGuard
+from autoglm_train.lit.feature_cache import FeatureCacheCallback
 from autoglm_train.lit.grad_cache import batch_norm_notice
 from autoglm_train.lit.module import DualEncoderModule
 from autoglm_train.lit.preemption import Preemption
@@ -180,7 +181,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     )
     timer, core = TrainTimer(), core_callbacks(int(cfg.trainer.get("skip_nonfinite_steps") or 0))
     run_state = core[0]
-    callbacks = [*core, timer]
+    callbacks = [*core]
+    if getattr(model, "cache_locked_features", False):
+        # before the timer: building the cache is not training time (run_s has it)
+        callbacks.append(FeatureCacheCallback(cfg.paths.feature_cache_dir, progress=bool(cfg.progress_bar)))
+    callbacks.append(timer)
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if cfg.progress_bar:
         callbacks.append(RichProgressBar())

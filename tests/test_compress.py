@@ -222,6 +222,9 @@ def test_compression_job_on_a_trained_checkpoint_writes_the_report(shapes_dir, t
         "report.repeats=2",
         "report.sweep_ratios=[0.3]",
         "report.sweep_finetune_steps=2",
+        "lowrank_heads.enabled=true",
+        "lowrank_heads.rank=8",
+        "lowrank_heads.finetune_steps=2",
         "progress_bar=false",
         f"hydra.run.dir={job_dir}",
     ]
@@ -236,7 +239,18 @@ def test_compression_job_on_a_trained_checkpoint_writes_the_report(shapes_dir, t
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     report = json.loads((job_dir / "report.json").read_text())
     rows = {r["variant"]: r for r in report["rows"]}
-    assert list(rows) == ["original", "pruned", "pruned + distilled", "int8", "pruned + distilled + int8"]
+    lowrank = "heads rank 8/8 + distilled"
+    assert list(rows) == [
+        "original",
+        lowrank,
+        "pruned",
+        "pruned + distilled",
+        "int8",
+        "pruned + distilled + int8",
+    ]
+    # TINY's heads: 512 -> 64 and 64 -> 64, factorized at rank 8
+    saved = (512 * 64 + 64 * 64) - 8 * (512 + 64 + 64 + 64)
+    assert rows["original"]["params"] - rows[lowrank]["params"] == saved
     assert rows["pruned"]["params"] < rows["original"]["params"]
     assert rows["pruned"]["flops"] < rows["original"]["flops"]
     assert rows["int8"]["file_bytes"] < rows["original"]["file_bytes"] / 2

@@ -48,6 +48,14 @@ BAD_TRAINING = [
     (["data.prepare.train_group_attributes=[shape,texture]"], "data.prepare.train_group_attributes"),
     (["data.hard_groups=[shape,3]"], "data.hard_groups"),
     (["model.image_tower.channels_last=maybe"], "model.image_tower.channels_last"),
+    (["model.cache_locked_features=true"], "model.cache_locked_features"),  # the tower is not locked
+    (
+        ["model.lock_image=true", "model.lock_image_unlocked_groups=1", "model.cache_locked_features=true"],
+        "model.cache_locked_features",
+    ),
+    (["model.projection_kind=lowrank"], "model.projection_kind"),  # no rank
+    (["model.projection_rank=16"], "model.projection_rank"),  # linear heads
+    (["model.projection_kind=lowrank", "model.projection_rank=0"], "model.projection_rank"),
 ]
 
 BAD_COMPRESSION = [
@@ -56,6 +64,8 @@ BAD_COMPRESSION = [
     (["prune.importance=l3"], "prune.importance"),
     (["prune.targets=[heads,filters]"], "prune.targets"),
     (["report.repeats=0"], "report.repeats"),
+    (["lowrank_heads.energy=0"], "lowrank_heads.energy"),
+    (["lowrank_heads.rank=0"], "lowrank_heads.rank"),
 ]
 
 

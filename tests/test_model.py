@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from autoglm_train.model.dual_encoder import DualEncoder
+from autoglm_train.model.dual_encoder import DualEncoder, LowRankLinear, energy_rank
 from autoglm_train.model.towers import ImageTower, TextTower, trim_padding_columns
 
 
@@ -69,3 +69,47 @@ def test_frozen_temperature_is_not_trained():
     m = DualEncoder(ImageTower("resnet18"), TextTower(10, 32, 1, 2, 8), learn_temperature=False)
     assert not m.log_logit_scale.requires_grad
     assert all(p is not m.log_logit_scale for g in m.param_groups(0.1) for p in g["params"])
+
+
+# --- low-rank projection heads ------------------------------------------------------------------------------
+def test_lowrank_head_at_full_rank_is_the_full_head_after_svd_init():
+    torch.manual_seed(0)
+    full = torch.nn.Linear(24, 16, bias=False)
+    head = LowRankLinear(24, 16, rank=16)
+    head.load_state_dict(full.state_dict())  # a full weight: the factors come from its SVD
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(head(x), full(x), rtol=1e-5, atol=1e-6)
+    assert sum(p.numel() for p in LowRankLinear(24, 16, rank=4).parameters()) == 4 * (24 + 16)
+
+
+def test_lowrank_head_is_the_best_approximation_of_its_rank():
+    torch.manual_seed(0)
+    weight = torch.randn(16, 24)
+    head = LowRankLinear(24, 16, rank=3)
+    head.factorize_(weight)
+    product = head.up.weight @ head.down.weight
+    s = torch.linalg.svdvals(weight)
+    # Eckart-Young: the error of the best rank-3 approximation is the norm of the dropped singular values
+    assert torch.linalg.matrix_norm(weight - product).item() == pytest.approx(s[3:].norm().item(), rel=1e-5)
+    assert energy_rank(weight, 1.0) == 16 and energy_rank(weight, 0.0) == 1
+    kept = (s[:5] ** 2).sum() / (s**2).sum()
+    assert energy_rank(weight, float(kept) - 1e-6) == 5
+
+
+def test_a_checkpoint_with_linear_heads_loads_into_lowrank_heads():
+    torch.manual_seed(0)
+    trained = DualEncoder(ImageTower("resnet18"), TextTower(10, 32, 1, 2, 8), embed_dim=16)
+    lowrank = DualEncoder(
+        ImageTower("resnet18"),
+        TextTower(10, 32, 1, 2, 8),
+        embed_dim=16,
+        projection_kind="lowrank",
+        projection_rank=16,
+    )
+    lowrank.load_state_dict(trained.state_dict())
+    trained.eval(), lowrank.eval()
+    images, tokens = torch.randn(2, 3, 32, 32), torch.randint(1, 10, (2, 8))
+    for got, want in zip(lowrank(images, tokens)[:2], trained(images, tokens)[:2], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="projection_rank"):
+        DualEncoder(ImageTower("resnet18"), TextTower(10, 32, 1, 2, 8), 16, projection_kind="lowrank")

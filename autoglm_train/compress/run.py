@@ -17,6 +17,7 @@ from rich.console import Console
 from autoglm_train.compress import prune as pruning
 from autoglm_train.compress.export import export_model
 from autoglm_train.compress.load import load_trained
+from autoglm_train.compress.lowrank import factorize_heads
 from autoglm_train.compress.quantize import quantize_model
 from autoglm_train.compress.recover import evaluate, finetune, frozen_copy
 from autoglm_train.compress.report import count_flops, file_size, markdown_table, measure_latency, sweep_plot
@@ -139,6 +140,9 @@ def run(cfg: DictConfig) -> dict:
     teacher = frozen_copy(original) if cfg.finetune.distill else None
 
     float_variants = {"original": original}
+    if cfg.lowrank_heads.enabled:
+        name, factorized = lowrank_variant(original, teacher, cfg, datamodule)
+        float_variants[name] = factorized
     if cfg.prune.enabled:
         one_shot, recovered = prune_and_recover(original, teacher, cfg, datamodule, calibration)
         float_variants["pruned"] = one_shot
@@ -190,6 +194,17 @@ def run(cfg: DictConfig) -> dict:
     console.print(table)
     console.print(f"[bold]Run directory:[/bold] {out}")
     return report
+
+
+def lowrank_variant(original, teacher, cfg: DictConfig, datamodule):
+    """Heads factorized by SVD (at ``rank``, or at ``energy`` when rank is null), then recovered."""
+    model = copy.deepcopy(original)
+    spec = cfg.lowrank_heads
+    ranks = factorize_heads(model, spec.rank, None if spec.rank is not None else spec.energy)
+    if spec.finetune_steps:
+        recover(model, teacher, spec.finetune_steps, cfg, datamodule, "low-rank heads: fine-tune")
+    label = "/".join(str(r) for r in ranks.values())
+    return f"heads rank {label}" + (" + distilled" if spec.finetune_steps and teacher else ""), model.eval()
 
 
 def sweep_point(original, teacher, ratio, cfg, datamodule, calibration, val_batches, example) -> dict:

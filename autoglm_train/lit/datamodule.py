@@ -96,6 +96,7 @@ class ShardDataModule(L.LightningDataModule):
         self.stream_epoch = 0  # the training stream's current epoch (lit/run_state.py counts batches in it)
         self._resume: tuple[int, int] | None = None  # (epoch, batches) from a checkpoint
         self._prepared = False
+        self._cached = None  # a CachedFeatures dataset, set before training by lit/feature_cache.py
 
     def prepare_data(self) -> None:
         # once per run: Lightning calls it again before trainer.validate, and a shard that vanished since
@@ -172,8 +173,7 @@ class ShardDataModule(L.LightningDataModule):
             batch_size=None,
             num_workers=workers,
             prefetch_factor=4 if workers else None,
-            # page-locked batches copy to a GPU without blocking the host (as open_clip's loader does)
-            pin_memory=self.trainer is not None and self.trainer.strategy.root_device.type == "cuda",
+            pin_memory=self._pin_memory(),
             worker_init_fn=ignore_requeue_signal if workers else None,
             timeout=self.timeout if watch else 0,
         )
@@ -193,7 +193,18 @@ class ShardDataModule(L.LightningDataModule):
         return max(1, math.ceil(samples / (self.batch_size * world * workers)))
 
     def train_dataloader(self):
+        if self._cached is not None:
+            loader = DataLoader(self._cached, batch_size=None, num_workers=0, pin_memory=self._pin_memory())
+            return ReplayableStream(self, loader, self.seed)
         return ReplayableStream(self, self._loader(train=True), self.seed)
+
+    def use_cached_features(self, dataset) -> None:
+        """Training reads this (lit/feature_cache.py's CachedFeatures) instead of the shards."""
+        self._cached = dataset
+
+    def _pin_memory(self) -> bool:
+        # page-locked batches copy to a GPU without blocking the host (as open_clip's loader does)
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
 
     def val_dataloader(self) -> DataLoader:
         loader = self._loader(train=False)

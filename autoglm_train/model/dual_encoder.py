@@ -8,12 +8,62 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PROJECTIONS = ("linear", "mlp", "none")
+PROJECTIONS = ("linear", "lowrank", "mlp", "none")
 
 
-def projection(width: int, embed_dim: int, kind: str) -> nn.Module:
+class LowRankLinear(nn.Module):
+    """``x -> up(down(x))``: a ``out x in`` projection as the product of ``out x rank`` and ``rank x in``
+    factors, ``rank * (in + out)`` parameters instead of ``in * out``. Loading a state dict that holds a full
+    ``weight`` (a checkpoint trained with a linear head) initialises the factors from its truncated SVD,
+    the best rank-``rank`` approximation; at full rank the head is the same map."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int):
+        super().__init__()
+        if not 1 <= rank <= min(in_features, out_features):
+            raise ValueError(
+                f"model.projection_rank must be in [1, {min(in_features, out_features)}] for a "
+                f"{in_features} -> {out_features} head, got {rank}"
+            )
+        self.rank = rank
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+    @torch.no_grad()
+    def factorize_(self, weight: torch.Tensor) -> None:
+        """Set the factors to the truncated SVD of ``weight`` (``out x in``), the singular values split
+        evenly between them."""
+        u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+        root = s[: self.rank].sqrt()
+        self.up.weight.copy_(u[:, : self.rank] * root)
+        self.down.weight.copy_(root[:, None] * vh[: self.rank])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        full = state_dict.pop(prefix + "weight", None)
+        if full is not None and prefix + "down.weight" not in state_dict:
+            self.factorize_(full)
+            state_dict[prefix + "down.weight"] = self.down.weight.detach().clone()
+            state_dict[prefix + "up.weight"] = self.up.weight.detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def energy_rank(weight: torch.Tensor, energy: float) -> int:
+    """The smallest rank whose singular values keep ``energy`` of the squared Frobenius norm."""
+    s2 = torch.linalg.svdvals(weight.double()) ** 2
+    kept = torch.cumsum(s2, 0) / s2.sum()
+    found = int(torch.searchsorted(kept, torch.tensor(energy, dtype=kept.dtype)).item()) + 1
+    return min(found, len(s2))  # energy 1 may sit a rounding error above the last cumulative share
+
+
+def projection(width: int, embed_dim: int, kind: str, rank: int | None = None) -> nn.Module:
     if kind == "linear":
         return nn.Linear(width, embed_dim, bias=False)
+    if kind == "lowrank":
+        if rank is None:
+            raise ValueError("model.projection_kind=lowrank needs model.projection_rank")
+        return LowRankLinear(width, embed_dim, rank)
     if kind == "mlp":
         return nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, embed_dim, bias=False))
     if kind == "none":  # the tower projects itself (open_clip towers)
@@ -34,7 +84,9 @@ class DualEncoder(nn.Module):
     likewise with ``lock_text_unlocked_layers``. Frozen parameters have ``requires_grad=False``, so they
     stay out of the optimizer and out of DDP's reducer; a wholly locked tower runs in eval mode without
     autograd. ``grad_checkpointing`` recomputes tower activations in backward; ``compile`` wraps each
-    tower's forward in ``torch.compile`` (state dict keys unchanged).
+    tower's forward in ``torch.compile`` (state dict keys unchanged). ``cache_locked_features`` (a wholly
+    locked image tower) marks the run for lit/feature_cache.py; ``encode_image`` then also takes the
+    tower's features (2-D) in place of images (4-D).
     """
 
     def __init__(
@@ -43,6 +95,7 @@ class DualEncoder(nn.Module):
         text_tower: nn.Module,
         embed_dim: int = 256,
         projection_kind: str = "linear",
+        projection_rank: int | None = None,
         init_temperature: float = 0.07,
         learn_temperature: bool = True,
         max_logit_scale: float = 100.0,
@@ -53,14 +106,15 @@ class DualEncoder(nn.Module):
         lock_text_unlocked_layers: int = 0,
         grad_checkpointing: bool = False,
         compile: bool = False,
+        cache_locked_features: bool = False,
     ):
         super().__init__()
         if init_temperature <= 0:
             raise ValueError(f"model.init_temperature must be > 0, got {init_temperature}")
         self.image_tower = image_tower
         self.text_tower = text_tower
-        self.image_proj = projection(image_tower.width, embed_dim, projection_kind)
-        self.text_proj = projection(text_tower.width, embed_dim, projection_kind)
+        self.image_proj = projection(image_tower.width, embed_dim, projection_kind, projection_rank)
+        self.text_proj = projection(text_tower.width, embed_dim, projection_kind, projection_rank)
         self.embed_dim = embed_dim
         self.max_log_scale = math.log(max_logit_scale)
         # shape (1,), not a 0-dim scalar: PowerSGD's DDP hook views every gradient as a matrix
@@ -73,6 +127,11 @@ class DualEncoder(nn.Module):
             raise ValueError(
                 "model.lock_image_unlocked_groups/lock_image_freeze_bn need model.lock_image=true"
             )
+        if cache_locked_features and not (lock_image and lock_image_unlocked_groups <= 0):
+            raise ValueError(
+                "model.cache_locked_features=true needs model.lock_image=true with no unlocked groups"
+            )
+        self.cache_locked_features = cache_locked_features
         if lock_text:
             self.text_tower.lock(lock_text_unlocked_layers)
         elif lock_text_unlocked_layers:
@@ -85,7 +144,10 @@ class DualEncoder(nn.Module):
             self.text_tower.compile()
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_proj(self.image_tower(images)), dim=-1)
+        # a 2-D batch is the tower's features already (a locked tower's, from lit/feature_cache.py): images
+        # are 4-D, so the two cannot be confused
+        features = images if images.dim() == 2 else self.image_tower(images)
+        return F.normalize(self.image_proj(features), dim=-1)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_proj(self.text_tower(tokens)), dim=-1)
