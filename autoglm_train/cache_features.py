@@ -18,7 +18,7 @@ def run(cfg: DictConfig) -> dict:
 
     from autoglm_train.build import check_model_weights, model_family
     from autoglm_train.data.shards import expand_shards
-    from autoglm_train.lit.feature_cache import FeatureCache, ensure_cached, tower_fingerprint
+    from autoglm_train.lit.feature_cache import cache_shards
     from autoglm_train.train import start_run
 
     if model_family(cfg.model) == "open_clip":
@@ -36,20 +36,9 @@ def run(cfg: DictConfig) -> dict:
         accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision, logger=False
     )
     tower = tower.to(trainer.strategy.root_device)
-    fingerprint = tower_fingerprint(tower, datamodule.eval_transform_args, str(trainer.precision))
-    cache = FeatureCache(cfg.paths.feature_cache_dir, fingerprint)
     urls = expand_shards(datamodule.train_shards)
-    ensure_cached(
-        cache,
-        tower,
-        urls,
-        datamodule.eval_transform,
-        datamodule.caption_key,
-        datamodule.eval_batch_size,
-        trainer.precision_plugin.forward_context,
-        progress=bool(cfg.progress_bar),
-        built_by="cache_features",
-    )
+    root = cfg.paths.feature_cache_dir
+    cache, _ = cache_shards(root, tower, datamodule, trainer, urls, bool(cfg.progress_bar), "cache_features")
     print(f"feature cache: {cache.dir} ({len(urls)} shards)")
     return {"dir": str(cache.dir), "shards": len(urls)}
 

@@ -38,6 +38,14 @@ def shard(shapes_dir) -> str:
     return expand_shards(str(shapes_set(shapes_dir) / "train-000000.tar"))[0]
 
 
+def random_resnet_file(tmp_path) -> Path:
+    """A locked tower's weights as a user's file (a random ResNet-18: a random tower is not locked)."""
+    weights = tmp_path / "resnet18.safetensors"
+    torch.manual_seed(0)
+    save_file(timm.create_model("resnet18", num_classes=0).state_dict(), str(weights))
+    return weights
+
+
 def build(tmp_path, model, shard, args=TRANSFORM_ARGS):
     cache = FeatureCache(tmp_path / "cache", tower_fingerprint(model.image_tower, args, "32-true"))
     tower = model.image_tower
@@ -116,9 +124,7 @@ def test_cached_stream_is_a_seeded_permutation_per_epoch(tmp_path, shard):
 
 @pytest.mark.slow
 def test_two_gloo_ranks_each_cache_and_read_their_own_shards(shapes_dir, tmp_path):
-    weights = tmp_path / "resnet18.safetensors"
-    torch.manual_seed(0)
-    save_file(timm.create_model("resnet18", num_classes=0).state_dict(), str(weights))
+    weights = random_resnet_file(tmp_path)
     run_dir, cache_dir = tmp_path / "ddp", tmp_path / "cache"
     env = {**os.environ, "AUTOGLM_DATA_DIR": str(shapes_dir), "PYTHONUNBUFFERED": "1"}
     args = [sys.executable, "-m", "autoglm_train", *TINY, "trainer=ddp_cpu", "model.lock_image=true"]
@@ -146,9 +152,7 @@ def test_two_gloo_ranks_each_cache_and_read_their_own_shards(shapes_dir, tmp_pat
 def test_a_cache_built_ahead_is_read_by_training(tiny_cfg, tmp_path, caplog):
     from autoglm_train import cache_features, train
 
-    weights = tmp_path / "resnet18.safetensors"
-    torch.manual_seed(0)
-    save_file(timm.create_model("resnet18", num_classes=0).state_dict(), str(weights))
+    weights = random_resnet_file(tmp_path)
     overrides = ["model.lock_image=true", f"model.image_tower.checkpoint={weights}"]
     overrides += ["model.cache_locked_features=true", f"paths.feature_cache_dir={tmp_path / 'cache'}"]
     overrides += ["trainer.max_steps=3", "eval.zeroshot.task=null", "logger=none"]
@@ -166,9 +170,7 @@ def test_resume_from_the_cache_continues_exactly_across_an_epoch_boundary(tiny_c
 
     from autoglm_train import train
 
-    weights = tmp_path / "resnet18.safetensors"
-    torch.manual_seed(0)
-    save_file(timm.create_model("resnet18", num_classes=0).state_dict(), str(weights))
+    weights = random_resnet_file(tmp_path)
     # 3,000 cached samples / batch 64 = 46 batches an epoch: step 50 is 4 batches into epoch 1
     common = ["model.lock_image=true", f"model.image_tower.checkpoint={weights}"]
     common += ["model.cache_locked_features=true", f"paths.feature_cache_dir={tmp_path / 'cache'}"]

@@ -170,6 +170,25 @@ def ensure_cached(
     return entries
 
 
+def cache_shards(root, tower, datamodule, trainer: L.Trainer, urls, progress: bool, built_by: str):
+    """``(cache, entries)`` of ``urls`` for a tower read through the datamodule's eval transform under the
+    trainer's precision context: the one place the fingerprint is made, for training and ahead of it."""
+    fingerprint = tower_fingerprint(tower, datamodule.eval_transform_args, str(trainer.precision))
+    cache = FeatureCache(root, fingerprint)
+    entries = ensure_cached(
+        cache,
+        tower,
+        urls,
+        datamodule.eval_transform,
+        datamodule.caption_key,
+        datamodule.eval_batch_size,
+        trainer.precision_plugin.forward_context,
+        progress,
+        built_by,
+    )
+    return cache, entries
+
+
 class CachedFeatures(IterableDataset):
     """Training batches from cached features: each epoch a permutation of this rank's samples (seeded by
     seed, epoch and rank), one of each sample's captions drawn in turn, short last batch dropped (equal
@@ -220,25 +239,15 @@ class FeatureCacheCallback(L.Callback):
                 "model.cache_locked_features=true needs a wholly locked image tower (model.lock_image=true, "
                 "no unlocked groups) and no augmentation (data.augment=null): its features must not change"
             )
-        fingerprint = tower_fingerprint(tower, datamodule.eval_transform_args, str(trainer.precision))
-        cache = FeatureCache(self.root, fingerprint)
         urls = expand_shards(datamodule.train_shards)[trainer.global_rank :: trainer.world_size]
         if not urls:
             raise ValueError(
                 f"model.cache_locked_features: rank {trainer.global_rank} of {trainer.world_size} has no "
                 f"training shard ({len(expand_shards(datamodule.train_shards))} in all)"
             )
-        entries = ensure_cached(
-            cache,
-            tower,
-            urls,
-            datamodule.eval_transform,
-            datamodule.caption_key,
-            datamodule.eval_batch_size,
-            trainer.precision_plugin.forward_context,
-            self.progress and trainer.is_global_zero,
-            built_by=f"rank {trainer.global_rank} of {trainer.world_size}",
-        )
+        progress = self.progress and trainer.is_global_zero
+        built_by = f"rank {trainer.global_rank} of {trainer.world_size}"
+        _, entries = cache_shards(self.root, tower, datamodule, trainer, urls, progress, built_by)
         dataset = CachedFeatures(
             entries, datamodule.tokenizer, datamodule.batch_size, datamodule.seed, trainer.global_rank
         )
