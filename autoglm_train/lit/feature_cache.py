@@ -25,7 +25,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import IterableDataset
 from tqdm import tqdm
 
@@ -74,12 +74,11 @@ class FeatureCache:
         if not path.exists():
             return None
         try:
-            tensors = load_file(path)
-            with safe_open(path, "pt") as f:
+            with safe_open(path, "pt") as f:  # one read of the file: tensors and the header's metadata
                 meta = f.metadata()
+                features, ids = f.get_tensor("features"), f.get_tensor("ids")
             captions = json.loads(meta["captions"])
             count = int(meta["count"])
-            features, ids = tensors["features"], tensors["ids"]
         except (SafetensorError, OSError, KeyError, ValueError) as exc:
             log.warning("feature cache %s is damaged (%s): building it again", path, exc)
             return None
