@@ -101,8 +101,9 @@ def test_a_damaged_cache_file_is_built_again(tmp_path, shard, caplog):
     _, rebuilt = build(tmp_path, model, shard)
     assert "damaged" in caplog.text
     assert torch.equal(rebuilt["features"], entry["features"]) and cache.read(shard) is not None
-    # a file that loads but lacks rows is not trusted either
-    save_file({"features": entry["features"][:5], "ids": entry["ids"]}, str(path), metadata={"count": "5"})
+    # a file that loads, with its header whole, but lacks feature rows is not trusted either
+    meta = {"captions": json.dumps(entry["captions"]), "count": str(len(entry["captions"]))}
+    save_file({"features": entry["features"][:5], "ids": entry["ids"]}, str(path), metadata=meta)
     assert cache.read(shard) is None
 
 
