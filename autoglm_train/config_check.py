@@ -27,6 +27,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from autoglm_train.build import model_family
+from autoglm_train.compress import PRUNE_BACKENDS, QUANT_MODES
 from autoglm_train.compress.prune import IMPORTANCES, KINDS, SCOPES
 from autoglm_train.data.shapes import GROUP_ATTRIBUTES
 from autoglm_train.distributed.compression import MODES as COMPRESSION_MODES
@@ -537,6 +538,7 @@ COMPRESS_RULES = [
     integer("threads", 0, null=True),
     flag("progress_bar"),
     flag("prune.enabled"),
+    one_of("prune.backend", PRUNE_BACKENDS),
     number("prune.ratio", 0, 1, high_open=True),  # the fraction removed: 1 would remove everything
     one_of("prune.importance", IMPORTANCES),
     one_of("prune.scope", SCOPES),
@@ -559,6 +561,8 @@ COMPRESS_RULES = [
     integer("lowrank_heads.finetune_steps", 0),
     flag("quantize.enabled"),
     integer("quantize.calibration_batches", 1),
+    one_of("quantize.image", QUANT_MODES),
+    one_of("quantize.text", QUANT_MODES),
     integer("data.num_workers", 0),
     integer("report.latency_batch", 1),
     integer("report.repeats", 1),

@@ -1,27 +1,33 @@
-"""A trained (or compressed) dual encoder saved so that it loads without this package: two TorchScript
-files (image and text encoder, normalized embeddings out), the tokenizer as HF ``tokenizers`` JSON (it
-keeps its padding and truncation), and ``export.json`` with the preprocessing and sizes.
+"""A trained (or pruned) dual encoder saved for serving on ONNX Runtime: two ONNX graphs (image and text
+encoder, normalized embeddings out, dynamic batch), the tokenizer as HF ``tokenizers`` JSON (it keeps its
+padding and truncation) and ``export.json`` with the preprocessing, sizes and input names.
 
-Loading needs torch and ``tokenizers`` only (see ``load_exported``, which imports nothing of ours).
+Serving needs ``onnxruntime``, ``tokenizers`` and numpy only: neither torch nor this package
+(``autoglm_train.compress.serving`` is the loader, and it imports neither at module level).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autoglm_train.compress.serving import FORMAT_VERSION, IMAGE_FILE, META_FILE, TEXT_FILE, TOKENIZER_FILE
 from autoglm_train.utils.files import atomic_write_text
 
-FORMAT_VERSION = 1
+OPSET = 18
 
 
 class _Encoder(nn.Module):
-    """One tower and its projection: each exported file holds only its own weights."""
+    """One tower and its projection: each graph holds only its own weights."""
 
     def __init__(self, tower: nn.Module, proj: nn.Module):
         super().__init__()
@@ -31,41 +37,83 @@ class _Encoder(nn.Module):
         return F.normalize(self.proj(self.tower(x)), dim=-1)  # as DualEncoder.encode_image/text
 
 
+def export_graph(
+    module: nn.Module, example: torch.Tensor, path: Path, input_name: str, dynamic: dict | None = None
+) -> Path:
+    """``module`` to one self-contained ONNX file (weights inside) by torch's exporter (``torch.export`` +
+    onnxscript); the batch dimension is dynamic, and so are those ``dynamic`` maps to ``Dim`` s."""
+    dynamic_shapes = {0: torch.export.Dim("batch", min=1), **(dynamic or {})}
+    # the exporter narrates every pass on stdout; a failure still raises with its own message
+    with contextlib.redirect_stdout(io.StringIO()), _quiet("onnxscript", "torch.onnx", "onnx_ir"):
+        torch.onnx.export(
+            module.eval(),
+            (example,),
+            str(path),
+            dynamo=True,
+            input_names=[input_name],
+            output_names=["embeddings"],
+            dynamic_shapes=(dynamic_shapes,),
+            opset_version=OPSET,
+            external_data=False,
+            verbose=False,
+        )
+    return path
+
+
+@contextlib.contextmanager
+def _quiet(*loggers: str):
+    saved = {name: logging.getLogger(name).level for name in loggers}
+    for name in loggers:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
 @torch.no_grad()
 def export_model(
     model, tokenizer, out_dir: str | Path, preprocess: dict, example_images: torch.Tensor
 ) -> Path:
-    """Trace both encoders of ``model`` (float or quantized) into ``out_dir``; returns it."""
+    """Both encoders of a float ``model`` as ONNX graphs in ``out_dir``, with the tokenizer and
+    ``export.json``; returns ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = copy.deepcopy(model).eval()
+    model = copy.deepcopy(model).float().eval()
+    # trimming inside the graph would freeze the example's caption length into it: the caller trims (the
+    # sequence dimension is dynamic, up to the context length)
+    trims = model.text_trims_padding
     model.text_tower.trim_padding = False
     tokens = tokenizer(["a small red circle at the top left", "x"])
-    image_encoder = _Encoder(model.image_tower, model.image_proj)
-    image = torch.jit.trace(image_encoder, example_images[:2], check_trace=False)
-    text = torch.jit.trace(_Encoder(model.text_tower, model.text_proj), tokens, check_trace=False)
-    torch.jit.save(image, str(out / "image_encoder.pt"))
-    torch.jit.save(text, str(out / "text_encoder.pt"))
-    tokenizer.save(out / "tokenizer.json")
+    images = example_images[:2].float().contiguous()
+    export_graph(_Encoder(model.image_tower, model.image_proj), images, out / IMAGE_FILE, "images")
+    sequence = {1: torch.export.Dim("sequence", min=1, max=int(tokens.shape[1]))}
+    export_graph(_Encoder(model.text_tower, model.text_proj), tokens, out / TEXT_FILE, "tokens", sequence)
+    tokenizer.save(out / TOKENIZER_FILE)
     meta = {
         "format": FORMAT_VERSION,
+        "precision": "fp32",
         "embed_dim": int(model.embed_dim),
         "context_length": int(tokenizer.context_length),
+        "image_size": list(images.shape[1:]),
+        "inputs": {"image": "images", "text": "tokens"},
+        # token id 0 is padding, and columns of it may be dropped (the same embeddings, less compute)
+        "trim_padding": bool(trims),
         "preprocess": preprocess,
     }
-    atomic_write_text(out / "export.json", json.dumps(meta, indent=2))
+    atomic_write_text(out / META_FILE, json.dumps(meta, indent=2))
     return out
 
 
-def load_exported(path: str | Path) -> dict:
-    """``{"image": ScriptModule, "text": ScriptModule, "tokenizer": tokenizers.Tokenizer, "meta": dict}``;
-    imports torch and tokenizers only, so it runs where this package is not installed (copy it)."""
-    from tokenizers import Tokenizer
+def copy_sidecars(src: Path, dst: Path, **meta_updates) -> None:
+    """The tokenizer and ``export.json`` of one export next to another's graphs (``meta_updates`` applied)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src / TOKENIZER_FILE, dst / TOKENIZER_FILE)
+    meta = {**json.loads((src / META_FILE).read_text()), **meta_updates}
+    atomic_write_text(dst / META_FILE, json.dumps(meta, indent=2))
 
-    path = Path(path)
-    return {
-        "image": torch.jit.load(str(path / "image_encoder.pt")).eval(),
-        "text": torch.jit.load(str(path / "text_encoder.pt")).eval(),
-        "tokenizer": Tokenizer.from_file(str(path / "tokenizer.json")),
-        "meta": json.loads((path / "export.json").read_text()),
-    }
+
+def graphs_size(export_dir: Path) -> int:
+    """Bytes of an export's graphs (weights included)."""
+    return sum(p.stat().st_size for p in Path(export_dir).glob("*.onnx"))

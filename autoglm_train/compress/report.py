@@ -1,6 +1,6 @@
-"""What compression cost and bought: parameters, file size, FLOPs, CPU latency per batch (all variants
-timed side by side, interleaved, median of repeats) and retrieval, as a Markdown and JSON table; and the
-pruning-ratio sweep as a plot."""
+"""What compression cost and bought: parameters, file size, FLOPs, CPU latency per batch and throughput
+at batch 1 (all variants, PyTorch and ONNX Runtime, timed side by side, interleaved, median of repeats)
+and retrieval, as a Markdown and JSON table; and the pruning-ratio sweep as a plot."""
 
 from __future__ import annotations
 
@@ -23,10 +23,6 @@ def count_flops(model, images: torch.Tensor, tokens: torch.Tensor) -> int:
     return estimate_flops(model, (images, tokens), forward=both_encoders)
 
 
-def file_size(export_dir: Path) -> int:
-    return sum(p.stat().st_size for p in export_dir.glob("*.pt"))
-
-
 @torch.no_grad()
 def measure_latency(variants: dict, images: torch.Tensor, tokens: torch.Tensor, repeats: int = 10) -> dict:
     """Median seconds per batch (both encoders) of each variant, timed in interleaved rounds so that
@@ -44,18 +40,19 @@ def measure_latency(variants: dict, images: torch.Tensor, tokens: torch.Tensor, 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def markdown_table(rows: list[dict], baseline: str = "original") -> str:
+def markdown_table(rows: list[dict], batch: int, baseline: str = "original") -> str:
     base = next(r for r in rows if r["variant"] == baseline)
     lines = [
-        "| variant | params (M) | file (MB) | GFLOPs / batch | CPU ms / batch | speed-up | val/r1_mean "
-        "| Δ r1 (points) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| variant | runtime | params (M) | file (MB) | GFLOPs / batch | CPU ms / batch of {batch} "
+        f"| speed-up | samples/s at batch 1 | samples/s at batch {batch} | val/r1_mean | Δ r1 (points) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         flops = f"{r['flops'] / 1e9:.2f}" if r.get("flops") else "n/a (int8)"
         lines.append(
-            f"| {r['variant']} | {r['params'] / 1e6:.2f} | {r['file_bytes'] / 1e6:.1f} | {flops} | "
-            f"{1000 * r['latency_s']:.1f} | {base['latency_s'] / r['latency_s']:.2f}x | "
+            f"| {r['variant']} | {r['runtime']} | {r['params'] / 1e6:.2f} | {r['file_bytes'] / 1e6:.1f} | "
+            f"{flops} | {1000 * r['latency_s']:.1f} | {base['latency_s'] / r['latency_s']:.2f}x | "
+            f"{r['throughput_b1']:.0f} | {r[f'throughput_b{batch}']:.0f} | "
             f"{r['val/r1_mean']:.4f} | {100 * (r['val/r1_mean'] - base['val/r1_mean']):+.1f} |"
         )
     return "\n".join(lines)

@@ -1,5 +1,6 @@
 """The compression job: load a trained dual encoder, prune it (iteratively, each step followed by a
-distilled fine-tune), quantize it to int8, export every variant, and report them side by side."""
+distilled fine-tune), export the original and the pruned model to ONNX, quantize the graphs to int8 with
+ONNX Runtime, and report every variant, PyTorch and ONNX Runtime, side by side."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ from omegaconf import DictConfig, open_dict
 from rich.console import Console
 
 from autoglm_train.compress import prune as pruning
-from autoglm_train.compress.export import export_model
+from autoglm_train.compress.export import export_model, graphs_size
 from autoglm_train.compress.load import load_trained
 from autoglm_train.compress.lowrank import factorize_heads
-from autoglm_train.compress.quantize import quantize_model
+from autoglm_train.compress.quantize import quantize_export
 from autoglm_train.compress.recover import evaluate, finetune, frozen_copy
-from autoglm_train.compress.report import count_flops, file_size, markdown_table, measure_latency, sweep_plot
+from autoglm_train.compress.report import count_flops, markdown_table, measure_latency, sweep_plot
+from autoglm_train.compress.serving import OrtDualEncoder
+from autoglm_train.compress.tp_prune import tp_prune_model
 from autoglm_train.config_check import check_compress_config
 from autoglm_train.losses.infonce import infonce_loss
 from autoglm_train.utils.files import atomic_write_text
@@ -57,14 +60,17 @@ def prune_once(model, ratio: float, cfg: DictConfig, calibration: list[dict]) ->
             return infonce_loss(image, text, image, text, m.logit_scale())
 
         pruning.accumulate_grads(model, loss_fn, calibration)
-    report = pruning.prune_model(
-        model,
-        ratio,
+    options = dict(
         importance=cfg.prune.importance,
         scope=cfg.prune.scope,
         targets=tuple(cfg.prune.targets),
         grads_available=taylor,
     )
+    if cfg.prune.backend == "torch_pruning":
+        example = {"image": calibration[0]["image"][:2], "text": calibration[0]["text"][:2]}
+        report = tp_prune_model(model, ratio, example, **options)
+    else:
+        report = pruning.prune_model(model, ratio, **options)
     model.zero_grad(set_to_none=True)
     return report
 
@@ -102,17 +108,55 @@ def prune_and_recover(original, teacher, cfg: DictConfig, datamodule, calibratio
     return one_shot.eval(), student.eval()
 
 
-def describe(name, model, source, val_batches, export_dir, example, tokenizer, preprocess) -> dict:
-    metrics = evaluate(model, val_batches)
-    export_model(model, tokenizer, export_dir, preprocess, example["images"])
-    is_float = model is source
+def weights_bytes(model) -> int:
+    """What a PyTorch variant's weights take (its state dict: parameters and buffers)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def torch_row(name: str, model, val_batches, example) -> dict:
     return {
         "variant": name,
-        "params": pruning.count_params(source),
-        "file_bytes": file_size(export_dir),
-        "flops": count_flops(model, example["images"], example["tokens"]) if is_float else None,
-        **metrics,
+        "runtime": "PyTorch fp32",
+        "params": pruning.count_params(model),
+        "file_bytes": weights_bytes(model),
+        "flops": count_flops(model, example["images"], example["tokens"]),
+        **evaluate(model, val_batches),
     }
+
+
+def serving_rows(name, model, cfg, out: Path, trained, preprocess, example, quant_batches) -> dict:
+    """``model`` exported to ONNX (fp32) and, when quantization is on, to int8: ``{row name: (row, served)}``
+    where ``served`` runs the graphs on ONNX Runtime behind the encode methods."""
+    slug = name.replace(" + ", "_").replace(" ", "_")
+    fp32_dir = export_model(model, trained.tokenizer, out / "exports" / slug, preprocess, example["images"])
+    exports = {"ORT fp32": fp32_dir}
+    if cfg.quantize.enabled:
+        exports["ORT int8"] = quantize_export(
+            fp32_dir,
+            out / "exports" / f"{slug}_int8",
+            [b["image"] for b in quant_batches],
+            [b["text"] for b in quant_batches],
+            image_mode=cfg.quantize.image,
+            text_mode=cfg.quantize.text,
+        )
+    rows = {}
+    for runtime, directory in exports.items():
+        row_name = runtime if name == "original" else f"{name} + {runtime}"
+        served = OrtDualEncoder(directory, threads=torch.get_num_threads())
+        rows[row_name] = (
+            {
+                "variant": row_name,
+                "runtime": f"ONNX Runtime {runtime.split()[-1]}",
+                "params": pruning.count_params(model),
+                "file_bytes": graphs_size(directory),
+                "flops": count_flops(model, example["images"], example["tokens"])
+                if runtime == "ORT fp32"
+                else None,
+                "export_dir": str(directory),
+            },
+            served,
+        )
+    return rows
 
 
 def run(cfg: DictConfig) -> dict:
@@ -128,11 +172,11 @@ def run(cfg: DictConfig) -> dict:
     val_batches = list(datamodule.val_dataloader())
     train_stream = iter(datamodule._loader(train=True))
     calibration = [next(train_stream) for _ in range(max(cfg.prune.calibration_batches, 1))]
-    quant_images = [next(train_stream)["image"] for _ in range(max(cfg.quantize.calibration_batches, 1))]
+    quant_batches = [next(train_stream) for _ in range(max(cfg.quantize.calibration_batches, 1))]
     n = cfg.report.latency_batch
     example = {
         "images": val_batches[0]["image"][:n].repeat(-(-n // len(val_batches[0]["image"])), 1, 1, 1)[:n],
-        "tokens": val_batches[0]["text"][:n],
+        "tokens": val_batches[0]["text"][:n].repeat(-(-n // len(val_batches[0]["text"])), 1)[:n],
     }
     preprocess = datamodule.eval_transform_args
     original = trained.model.eval()
@@ -147,31 +191,32 @@ def run(cfg: DictConfig) -> dict:
         one_shot, recovered = prune_and_recover(original, teacher, cfg, datamodule, calibration)
         float_variants["pruned"] = one_shot
         float_variants["pruned + distilled" if cfg.finetune.distill else "pruned + fine-tuned"] = recovered
-    variants = {name: (m, m) for name, m in float_variants.items()}
-    if cfg.quantize.enabled:
-        variants["int8"] = (quantize_model(original, quant_images), original)
-        if cfg.prune.enabled:
-            last = list(float_variants)[-1]
-            variants[f"{last} + int8"] = (
-                quantize_model(float_variants[last], quant_images),
-                float_variants[last],
-            )
 
-    rows = []
-    for name, (model, source) in variants.items():
-        export_dir = out / "exports" / name.replace(" + ", "_").replace(" ", "_")
-        rows.append(
-            describe(name, model, source, val_batches, export_dir, example, trained.tokenizer, preprocess)
+    rows, served = [], {}
+    for name, model in float_variants.items():
+        rows.append(torch_row(name, model, val_batches, example))
+        served[name] = model
+        console.print(f"{name} (PyTorch): val/r1_mean {rows[-1]['val/r1_mean']:.4f}")
+    # served on ONNX Runtime: the original, and the last (most compressed) float variant
+    to_serve = ["original"] + ([list(float_variants)[-1]] if len(float_variants) > 1 else [])
+    for name in to_serve:
+        for row_name, (row, model) in serving_rows(
+            name, float_variants[name], cfg, out, trained, preprocess, example, quant_batches
+        ).items():
+            row.update(evaluate(model, val_batches))
+            rows.append(row)
+            served[row_name] = model
+            console.print(f"{row_name}: val/r1_mean {row['val/r1_mean']:.4f}")
+
+    for batch_size in sorted({1, n}):
+        latency = measure_latency(
+            served, example["images"][:batch_size], example["tokens"][:batch_size], cfg.report.repeats
         )
-        console.print(f"{name}: val/r1_mean {rows[-1]['val/r1_mean']:.4f}")
-    latency = measure_latency(
-        {name: model for name, (model, _) in variants.items()},
-        example["images"],
-        example["tokens"],
-        cfg.report.repeats,
-    )
+        for row in rows:
+            row[f"latency_s_b{batch_size}"] = latency[row["variant"]]
+            row[f"throughput_b{batch_size}"] = batch_size / latency[row["variant"]]
     for row in rows:
-        row["latency_s"] = latency[row["variant"]]
+        row["latency_s"] = row[f"latency_s_b{n}"]
 
     sweep = [
         sweep_point(original, teacher, ratio, cfg, datamodule, calibration, val_batches, example)
@@ -184,7 +229,7 @@ def run(cfg: DictConfig) -> dict:
         "rows": rows,
         "sweep": sweep,
     }
-    table = markdown_table(rows)
+    table = markdown_table(rows, batch=n)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     text = f"# Compression report\n\nCheckpoint: `{cfg.ckpt}`\n\n{table}\n"
     if sweep:
