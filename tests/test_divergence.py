@@ -32,7 +32,8 @@ def test_nan_on_one_rank_stops_both_ranks_at_that_step_and_keeps_the_last_checkp
     run_dir, probe = tmp_path / "run", tmp_path / "probe"
     command = [sys.executable, "-m", "autoglm_train", *TINY, "trainer=ddp_cpu", "threads=1", "logger=none"]
     command += [
-        "trainer.max_steps=20",
+        "trainer.max_steps=10",
+        "eval.zeroshot.task=null",
         f"hydra.run.dir={run_dir}",
         "+callbacks.nan._target_=run_probes.NaNAt",
         "+callbacks.nan.step=6",
@@ -58,7 +59,7 @@ def test_nan_on_one_rank_stops_both_ranks_at_that_step_and_keeps_the_last_checkp
 
 
 def test_a_diverged_sweep_point_is_a_failed_row(shapes_dir, tmp_path):
-    command = [sys.executable, "-m", "autoglm_train", "-m", *TINY, "logger=none"]
+    command = [sys.executable, "-m", "autoglm_train", "-m", *TINY, "logger=none", "eval.zeroshot.task=null"]
     command += [
         f"hydra.sweep.dir={tmp_path}",
         "+callbacks.nan._target_=run_probes.NaNAt",

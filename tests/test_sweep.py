@@ -30,6 +30,7 @@ def sweep(shapes_dir, sweep_dir, *overrides):
         "trainer.val_check_interval=3",
         "logger=none",
         "callbacks=none",
+        "eval.zeroshot.task=null",  # a sweep's rows need val/r1_mean only
         f"hydra.sweep.dir={sweep_dir}",
         *overrides,
     ]
