@@ -106,7 +106,9 @@ def main() -> None:
                 "recall_at_10": round(vector_index.recall_at_k(found, truth), 4),
             }
         )
-        print(f"{rows[-1]['method']}: {rows[-1]['queries_per_s']:.0f} q/s, recall@10 {rows[-1]['recall_at_10']}")
+        print(
+            f"{rows[-1]['method']}: {rows[-1]['queries_per_s']:.0f} q/s, recall@10 {rows[-1]['recall_at_10']}"
+        )
     base = rows[1]["queries_per_s"]  # the torch matmul, what embed did before
     for row in rows:
         row["vs_torch_matmul"] = round(row["queries_per_s"] / base, 2)

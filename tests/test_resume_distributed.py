@@ -120,6 +120,7 @@ RANKS_RUN = [
     "loss.queue_size=96",
     f"trainer.max_steps={RANKS_STEPS}",
     "trainer.val_check_interval=20",  # no periodic checkpoint: the preemption checkpoints are the newest
+    "eval.zeroshot.task=null",
     "logger=none",
 ]
 

@@ -162,7 +162,12 @@ def test_faked_slurm_job_is_warned_requeues_and_resumes_in_its_own_run_directory
     env = slurm_env(tmp_path, job_id, AUTOGLM_DATA_DIR=str(shapes_dir))
     # the one-node script, made to run on CPU: one gloo DDP task (what srun starts per GPU on a cluster)
     command = ["bash", str(REPO / "launch/slurm/train.sbatch"), *TINY, "trainer=ddp_cpu"]
-    command += ["trainer.max_steps=24", "trainer.val_check_interval=6", "logger=none", "eval.zeroshot.task=null"]
+    command += [
+        "trainer.max_steps=24",
+        "trainer.val_check_interval=6",
+        "logger=none",
+        "eval.zeroshot.task=null",
+    ]
     run_dir = tmp_path / "logs" / "shapes_align" / "runs" / f"slurm-{job_id}"
 
     first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
