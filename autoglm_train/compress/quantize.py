@@ -29,7 +29,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from autoglm_train.compress import QUANT_MODES
 from autoglm_train.compress.export import _quiet, copy_sidecars
-from autoglm_train.compress.serving import IMAGE_FILE, TEXT_FILE, load_exported
+from autoglm_train.compress.serving import IMAGE_FILE, TEXT_FILE, read_meta
 
 MODES = QUANT_MODES
 
@@ -82,7 +82,7 @@ def quantize_export(
     """An int8 copy of the export in ``src_dir`` at ``dst_dir``; calibration batches are tensors or arrays
     (images preprocessed as for the image graph, tokens as the tokenizer gives them)."""
     src, dst = Path(src_dir), Path(dst_dir)
-    meta = load_exported(src, threads=1).meta
+    meta = read_meta(src)  # the graphs are read by the quantizer; no session needed
     dst.mkdir(parents=True, exist_ok=True)
     images = [_numpy(b, np.float32) for b in calibration_images]
     tokens = [_numpy(b, np.int64) for b in calibration_tokens]

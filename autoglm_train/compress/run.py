@@ -124,7 +124,7 @@ def torch_row(name: str, model, val_batches, example) -> dict:
     }
 
 
-def serving_rows(name, model, cfg, out: Path, trained, preprocess, example, quant_batches) -> dict:
+def serving_rows(name, model, flops, cfg, out: Path, trained, preprocess, example, quant_batches) -> dict:
     """``model`` exported to ONNX (fp32) and, when quantization is on, to int8: ``{row name: (row, served)}``
     where ``served`` runs the graphs on ONNX Runtime behind the encode methods."""
     slug = name.replace(" + ", "_").replace(" ", "_")
@@ -149,9 +149,7 @@ def serving_rows(name, model, cfg, out: Path, trained, preprocess, example, quan
                 "runtime": f"ONNX Runtime {runtime.split()[-1]}",
                 "params": pruning.count_params(model),
                 "file_bytes": graphs_size(directory),
-                "flops": count_flops(model, example["images"], example["tokens"])
-                if runtime == "ORT fp32"
-                else None,
+                "flops": flops if runtime == "ORT fp32" else None,  # the same graph as the PyTorch row's
                 "export_dir": str(directory),
             },
             served,
@@ -192,16 +190,17 @@ def run(cfg: DictConfig) -> dict:
         float_variants["pruned"] = one_shot
         float_variants["pruned + distilled" if cfg.finetune.distill else "pruned + fine-tuned"] = recovered
 
-    rows, served = [], {}
+    rows, served, flops = [], {}, {}
     for name, model in float_variants.items():
         rows.append(torch_row(name, model, val_batches, example))
+        flops[name] = rows[-1]["flops"]
         served[name] = model
         console.print(f"{name} (PyTorch): val/r1_mean {rows[-1]['val/r1_mean']:.4f}")
     # served on ONNX Runtime: the original, and the last (most compressed) float variant
     to_serve = ["original"] + ([list(float_variants)[-1]] if len(float_variants) > 1 else [])
     for name in to_serve:
         for row_name, (row, model) in serving_rows(
-            name, float_variants[name], cfg, out, trained, preprocess, example, quant_batches
+            name, float_variants[name], flops[name], cfg, out, trained, preprocess, example, quant_batches
         ).items():
             row.update(evaluate(model, val_batches))
             rows.append(row)

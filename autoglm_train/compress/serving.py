@@ -67,7 +67,8 @@ def trim_padding_columns(tokens: np.ndarray) -> np.ndarray:
     return tokens[:, : max(1, int((tokens != 0).sum(1).max(initial=0)))]
 
 
-def load_exported(path: str | Path, threads: int | None = None) -> Exported:
+def read_meta(path: str | Path) -> dict:
+    """An export's ``export.json``, checked to be one this version reads."""
     path = Path(path)
     if not (path / META_FILE).is_file():
         old = (
@@ -82,6 +83,12 @@ def load_exported(path: str | Path, threads: int | None = None) -> Exported:
             f"{path}: export format {meta.get('format')}, this version reads {FORMAT_VERSION} (ONNX); "
             "export the checkpoint again with python -m autoglm_train.compress"
         )
+    return meta
+
+
+def load_exported(path: str | Path, threads: int | None = None) -> Exported:
+    path = Path(path)
+    meta = read_meta(path)
     return Exported(
         session(path / IMAGE_FILE, threads),
         session(path / TEXT_FILE, threads),
