@@ -511,6 +511,14 @@ TRAINER_RULES = [
     # PowerSGD's warm start and error feedback need two uncompressed iterations first
     integer("compression.start_iter", 2, when=powersgd),
     flag("compression.error_feedback"),
+    flag("compression.warm_start"),
+    # below 1 torch's hook would "compress" vectors, and matrices into more bytes than they had
+    number("compression.min_compression_rate", 1, when=powersgd),
+    custom(
+        "compression.exclude",
+        "a list of parameter-name patterns",
+        lambda v: isinstance(v, list) and all(isinstance(x, str) and x for x in v),
+    ),
     flag("compression.fp16"),
 ]
 

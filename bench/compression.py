@@ -1,12 +1,17 @@
-"""Bytes per step and retrieval of `shapes_align` trained by 2 gloo ranks under each gradient compression.
+"""Bytes per step and retrieval of `shapes_align` trained by 2 gloo ranks under each gradient compression
+setting: the PowerSGD sweep behind the `compression=powersgd` defaults.
 
-Each mode is one command-line run (`trainer=ddp_cpu compression=MODE`, Lightning starting both ranks)
-with the same seed, global batch and step budget; the bytes are what the DDP communication hook
-all-reduced per optimizer step (counted by CompressedDDPStrategy), next to the uncompressed size.
-Rewrites the compression section of docs/results.md. Last line: one JSON object; ``ratio`` = bytes of
-PowerSGD / bytes uncompressed, and per mode its bytes ratio and val/r1_mean relative to uncompressed.
+Each setting is one command-line run (`trainer=ddp_cpu` plus the setting's overrides, Lightning starting
+both ranks) with the same seed, global batch and step budget. Bytes are what the DDP communication hook
+all-reduced (counted by CompressedDDPStrategy), per rank: per step in the steady state (median) and over
+the whole run (mean, which includes PowerSGD's uncompressed first `start_iter` steps). Results accumulate
+in bench/compression_runs.json (a setting already there with the same steps and batch is not rerun unless
+--rerun); the table and the plot (docs/compression_frontier.png: Δ R@1 against bytes ratio) are rebuilt
+from it into docs/results.md. Last line: one JSON object; ``ratio`` = mean bytes of the chosen default
+(`compression=powersgd`) / bytes uncompressed.
 
-    python bench/compression.py [--steps 160] [--batch-size 64] [--modes none,fp16,bf16,powersgd] [--no-write]
+    python bench/compression.py [--steps 160] [--batch-size 64] [--settings none,powersgd,r1,...]
+                                [--rerun] [--no-write]
 """
 
 from __future__ import annotations
@@ -24,14 +29,44 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loss_comparison import RESULTS, ROOT, replace_section  # noqa: E402
 
+STORE = ROOT / "bench" / "compression_runs.json"
+PLOT = ROOT / "docs" / "compression_frontier.png"
+PSGD = "compression=powersgd"
+# name -> overrides on top of the base run; PowerSGD settings state every knob they change from the
+# `compression=powersgd` defaults (conf/compression/powersgd.yaml)
+SETTINGS: dict[str, list[str]] = {
+    "none": ["compression=none"],
+    "fp16": ["compression=fp16"],
+    "bf16": ["compression=bf16"],
+    "powersgd": [PSGD],  # whatever the defaults are now
+    "powersgd_aggressive": ["compression=powersgd_aggressive"],
+    "r1": [PSGD, "compression.rank=1", "compression.exclude=[]", "compression.min_compression_rate=2"],
+    "r2": [PSGD, "compression.rank=2", "compression.exclude=[]", "compression.min_compression_rate=2"],
+    "r4": [PSGD, "compression.rank=4", "compression.exclude=[]", "compression.min_compression_rate=2"],
+    "r8": [PSGD, "compression.rank=8", "compression.exclude=[]", "compression.min_compression_rate=2"],
+    "r16": [PSGD, "compression.rank=16", "compression.exclude=[]", "compression.min_compression_rate=2"],
+    "r32": [PSGD, "compression.rank=32", "compression.exclude=[]", "compression.min_compression_rate=2"],
+}
+R4 = SETTINGS["r4"]
+EMBED_HEADS = "compression.exclude=[*embedding*,*image_proj*,*text_proj*]"
+SETTINGS |= {
+    "r4_no_error_feedback": R4 + ["compression.error_feedback=false"],
+    "r4_no_warm_start": R4 + ["compression.warm_start=false"],
+    "r4_start50": R4 + ["compression.start_iter=50"],
+    "r4_fp16": R4 + ["compression.fp16=true"],
+    "r4_min_rate16": R4[:-1] + ["compression.min_compression_rate=16"],
+    "r4_excl_embed_heads": R4[:-2] + [EMBED_HEADS, "compression.min_compression_rate=2"],
+    "r4_excl_text": R4[:-2]
+    + ["compression.exclude=[*text_tower*,*embedding*,*_proj.*]", "compression.min_compression_rate=2"],
+}
 
-def run_mode(mode: str, steps: int, batch_size: int, run_dir: Path) -> dict[str, float]:
-    command = [
+
+def base_command(steps: int, batch_size: int, run_dir: Path) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "autoglm_train",
         "trainer=ddp_cpu",
-        f"compression={mode}",
         f"data.batch_size={batch_size}",
         f"trainer.max_steps={steps}",
         f"trainer.val_check_interval={steps}",
@@ -41,82 +76,139 @@ def run_mode(mode: str, steps: int, batch_size: int, run_dir: Path) -> dict[str,
         "callbacks=none",
         "logger=csv",
         "progress_bar=false",
+        "eval.zeroshot.task=null",
         f"hydra.run.dir={run_dir}",
     ]
+
+
+def run_setting(overrides: list[str], steps: int, batch_size: int, run_dir: Path) -> dict:
+    command = base_command(steps, batch_size, run_dir) + overrides
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ})
     if done.returncode != 0:
-        raise RuntimeError(f"compression={mode} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{' '.join(overrides)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     with open(run_dir / "csv" / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("comm/bytes")]
     sent = [float(r["comm/bytes"]) for r in rows]
-    metrics["comm/bytes_per_step"] = statistics.median(sent)  # steady state: PowerSGD starts late
-    metrics["comm/uncompressed_per_step"] = statistics.mean(float(r["comm/bytes_uncompressed"]) for r in rows)
-    metrics["comm/steps_logged"] = len(rows)
-    return metrics
+    return {
+        "overrides": overrides,
+        "steps": steps,
+        "batch_size": batch_size,
+        "bytes_per_step": statistics.median(sent),  # steady state: PowerSGD starts late
+        "bytes_mean": statistics.fmean(sent),  # the whole run, warm-up included
+        "bytes_uncompressed": statistics.fmean(float(r["comm/bytes_uncompressed"]) for r in rows),
+        "steps_logged": len(rows),
+        "val_r1_mean": metrics["val/r1_mean"],
+        "samples_per_s": metrics["time/samples_per_s"],
+    }
+
+
+def load_store() -> dict:
+    return json.loads(STORE.read_text()) if STORE.is_file() else {}
+
+
+def frontier_plot(rows: list[tuple[str, dict]], base: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, r in rows:
+        x = r["bytes_mean"] / base["bytes_mean"]
+        y = 100 * (r["val_r1_mean"] - base["val_r1_mean"])
+        ax.scatter(x, y, color="tab:red" if name.startswith("powersgd") else "tab:blue", zorder=3)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.axhline(-1, color="grey", linestyle="--", linewidth=0.8)
+    ax.axvline(0.1, color="grey", linestyle=":", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes all-reduced per step, mean over the run / uncompressed")
+    ax.set_ylabel("Δ val/r1_mean vs uncompressed (points)")
+    ax.set_title("PowerSGD settings, 2 gloo ranks (dashed: -1 point; dotted: 10x fewer bytes)", fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def table(rows: list[tuple[str, dict]], base: dict, steps: int, batch_size: int) -> str:
+    lines = [
+        f"`python bench/compression.py --steps {steps} --batch-size {batch_size}`: "
+        f"`experiment=shapes_align trainer=ddp_cpu`, 2 gloo ranks x {batch_size} (global batch "
+        f"{2 * batch_size}), one thread each, {steps} steps, seed 0, one validation at the end. Bytes are "
+        "what the DDP hook all-reduced, per rank: per step in the steady state (median) and the mean over "
+        "the run, which counts PowerSGD's uncompressed first `start_iter` steps; the ratio is taken on the "
+        "mean. samples/s is indicative only: 2 ranks share 2 cores with whatever else runs. Settings: "
+        "bench/compression.py `SETTINGS`; runs: bench/compression_runs.json. "
+        "Plot: [compression_frontier.png](compression_frontier.png).",
+        "",
+        "| setting | overrides | MiB / step | mean MiB / step | bytes vs none | val/r1_mean | Δ points "
+        "| samples/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows:
+        overrides = " ".join(o for o in r["overrides"] if o != PSGD) or "—"
+        lines.append(
+            f"| {name} | `{overrides}` | {r['bytes_per_step'] / 2**20:.2f} | {r['bytes_mean'] / 2**20:.2f} | "
+            f"{r['bytes_mean'] / base['bytes_mean']:.4f} | {r['val_r1_mean']:.4f} | "
+            f"{100 * (r['val_r1_mean'] - base['val_r1_mean']):+.1f} | {r['samples_per_s']:.1f} |"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=160)
     parser.add_argument("--batch-size", type=int, default=64, help="per rank (global batch = 2x)")
-    parser.add_argument("--modes", default="none,fp16,bf16,powersgd")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/results.md alone")
+    parser.add_argument("--settings", default="none,fp16,powersgd,powersgd_aggressive")
+    parser.add_argument("--rerun", action="store_true", help="run settings already in the store again")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     args = parser.parse_args()
-    modes = args.modes.split(",")
-    if modes[0] != "none":
-        modes.insert(0, "none")  # the baseline every ratio is taken against
+    names = args.settings.split(",")
+    if names[0] != "none":
+        names.insert(0, "none")  # the baseline every ratio is taken against
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown settings {unknown}; known: {', '.join(SETTINGS)}")
 
-    results: dict[str, dict[str, float]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for mode in modes:
-            m = run_mode(mode, args.steps, args.batch_size, Path(tmp) / mode)
-            results[mode] = m
-            print(
-                f"{mode:>9}: {m['comm/bytes_per_step'] / 2**20:7.2f} MiB/step of "
-                f"{m['comm/uncompressed_per_step'] / 2**20:.2f}, val/r1_mean {m['val/r1_mean']:.4f}, "
-                f"{m['time/samples_per_s']:.1f} samples/s",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    base = results["none"]
-    lines = [
-        f"`python bench/compression.py --steps {args.steps} --batch-size {args.batch_size}`: "
-        f"`experiment=shapes_align trainer=ddp_cpu`, 2 gloo ranks x {args.batch_size} "
-        f"(global batch {2 * args.batch_size}), one thread each, {args.steps} steps, seed 0; PowerSGD "
-        "with the `compression=powersgd` defaults. Bytes are what the hook all-reduced per optimizer "
-        "step (median over the run: PowerSGD sends uncompressed for its first `start_iter` steps), per rank. "
-        "samples/s is indicative only: 2 ranks share 2 cores with whatever else runs on the machine.",
-        "",
-        "| compression | MiB / step | vs none | val/r1_mean | vs none | samples/s |",
-        "|---|---|---|---|---|---|",
-    ]
-    for mode, m in results.items():
-        lines.append(
-            f"| {mode} | {m['comm/bytes_per_step'] / 2**20:.2f} | "
-            f"{m['comm/bytes_per_step'] / base['comm/bytes_per_step']:.3f} | {m['val/r1_mean']:.4f} | "
-            f"{m['val/r1_mean'] - base['val/r1_mean']:+.4f} | {m['time/samples_per_s']:.1f} |"
+    key = f"{args.steps}x{args.batch_size}"
+    store = load_store()
+    runs = store.setdefault(key, {})
+    for name in names:
+        if name in runs and not args.rerun and runs[name]["overrides"] == SETTINGS[name]:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            r = run_setting(SETTINGS[name], args.steps, args.batch_size, Path(tmp) / name)
+        runs[name] = r
+        STORE.write_text(json.dumps(store, indent=1) + "\n")  # after each run: a long sweep loses nothing
+        print(
+            f"{name:>20}: {r['bytes_per_step'] / 2**20:7.2f} MiB/step (mean {r['bytes_mean'] / 2**20:.2f}) "
+            f"of {r['bytes_uncompressed'] / 2**20:.2f}, val/r1_mean {r['val_r1_mean']:.4f}",
+            file=sys.stderr,
+            flush=True,
         )
-    table = "\n".join(lines)
-    print(table)
+
+    base = runs["none"]
+    rows = sorted(runs.items(), key=lambda kv: -kv[1]["bytes_mean"])
+    text = table(rows, base, args.steps, args.batch_size)
+    print(text)
     if not args.no_write:
+        frontier_plot(rows, base, PLOT)
         RESULTS.write_text(
             replace_section(
-                RESULTS.read_text(), "compression", "## Gradient compression (2 gloo ranks)\n\n" + table
+                RESULTS.read_text(), "compression", "## Gradient compression (2 gloo ranks)\n\n" + text
             )
         )
     summary = {
-        mode: {
-            "bytes_per_step": round(m["comm/bytes_per_step"]),
-            "bytes_ratio": round(m["comm/bytes_per_step"] / base["comm/bytes_per_step"], 4),
-            "val_r1_mean": round(m["val/r1_mean"], 4),
-            "r1_vs_none": round(m["val/r1_mean"] - base["val/r1_mean"], 4),
+        name: {
+            "bytes_ratio": round(r["bytes_mean"] / base["bytes_mean"], 4),
+            "val_r1_mean": round(r["val_r1_mean"], 4),
+            "r1_vs_none": round(r["val_r1_mean"] - base["val_r1_mean"], 4),
         }
-        for mode, m in results.items()
+        for name, r in rows
     }
-    headline = summary.get("powersgd", summary[modes[-1]])["bytes_ratio"]
-    print(json.dumps({"bench": "compression", "steps": args.steps, "modes": summary, "ratio": headline}))
+    headline = summary.get("powersgd", {}).get("bytes_ratio")
+    print(json.dumps({"bench": "compression", "steps": args.steps, "settings": summary, "ratio": headline}))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,11 @@ BAD_TRAINING = [
     (["trainer.grad_cache_chunks=2", "trainer.accumulate_grad_batches=2"], "trainer.grad_cache_chunks"),
     (["compression=fp16"], "compression.mode"),
     (["trainer=ddp_cpu", "compression=powersgd", "compression.start_iter=1"], "compression.start_iter"),
+    (
+        ["trainer=ddp_cpu", "compression=powersgd", "compression.min_compression_rate=0.5"],
+        "compression.min_compression_rate",
+    ),
+    (["trainer=ddp_cpu", "compression=powersgd", "compression.exclude=*proj*"], "compression.exclude"),
     (["eval.zeroshot.task=folder"], "eval.zeroshot.root"),
     (["momentum.m=1.5"], "momentum.m"),
     (["data.prepare.train_group_fraction=1.5"], "data.prepare.train_group_fraction"),

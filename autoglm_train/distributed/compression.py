@@ -3,14 +3,21 @@
 Lightning registers a DDP comm hook only when the device is CUDA and skips it silently on CPU (gloo).
 ``CompressedDDPStrategy`` registers it on any device, logs which hook is active, and counts the bytes
 all-reduced during each backward pass next to what uncompressed gradients would take.
+
+PowerSGD is torch's ``powerSGD_hook`` behind ``NamedPowerSGD``, which adds what the hook lacks: parameters
+left uncompressed by name, and its state (step count, error-feedback residuals, warm-start factors) kept
+per parameter, so that it is saved in checkpoints and restored on any number of ranks.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
@@ -19,6 +26,250 @@ from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersg
 
 log = logging.getLogger(__name__)
 MODES = ("none", "fp16", "bf16", "powersgd")
+CHECKPOINT_KEY = "powersgd"
+
+
+# --- what is compressed ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorPlan:
+    """How one gradient travels under PowerSGD: ``shape`` (n, m) and ``rank`` when compressed (n x r and
+    m x r factors are all-reduced), else None (all-reduced as is)."""
+
+    name: str
+    numel: int
+    shape: tuple[int, int] | None
+    rank: int
+    why: str  # compressed | vector | excluded | small
+
+    @property
+    def elements_sent(self) -> int:
+        return (self.shape[0] + self.shape[1]) * self.rank if self.shape else self.numel
+
+
+def is_excluded(name: str, exclude: Iterable[str]) -> bool:
+    return any(fnmatchcase(name, pattern) for pattern in exclude)
+
+
+def plan_tensor(name: str, shape: Sequence[int], rank: int, min_rate: float, exclude: Iterable[str]):
+    numel = int(np.prod(shape)) if len(shape) else 1
+    if len(shape) <= 1:
+        return TensorPlan(name, numel, None, 0, "vector")
+    if is_excluded(name, exclude):
+        return TensorPlan(name, numel, None, 0, "excluded")
+    n, m = int(shape[0]), numel // int(shape[0])  # the hook's view: first dimension x the rest
+    r = min(n, m, rank)
+    if not powersgd._should_compress(n, m, r, min_rate)[0]:
+        return TensorPlan(name, numel, None, 0, "small")
+    return TensorPlan(name, numel, (n, m), r, "compressed")
+
+
+def powersgd_plan(named_parameters, rank: int, min_rate: float = 2, exclude: Iterable[str] = ()):
+    """Per trained parameter, how PowerSGD sends its gradient."""
+    exclude = tuple(exclude)
+    return [
+        plan_tensor(name, tuple(p.shape), rank, min_rate, exclude)
+        for name, p in named_parameters
+        if p.requires_grad
+    ]
+
+
+def describe_plan(plan: list[TensorPlan], element_size: int = 4) -> str:
+    """One paragraph for the log: what is compressed, what is not and why, and the bytes of a step."""
+    groups: dict[str, list[TensorPlan]] = {}
+    for t in plan:
+        groups.setdefault(t.why, []).append(t)
+    sent = sum(t.elements_sent for t in plan) * element_size
+    full = sum(t.numel for t in plan) * 4
+    parts = [
+        f"{why}: {len(ts)} tensors, {sum(t.numel for t in ts):,} parameters"
+        + (
+            f" ({', '.join(t.name for t in ts[:6])}{', ...' if len(ts) > 6 else ''})"
+            if why == "excluded"
+            else ""
+        )
+        for why, ts in groups.items()
+    ]
+    return (
+        f"{'; '.join(parts)}. Expected {sent / 2**20:.2f} MiB all-reduced per step after the uncompressed "
+        f"start, against {full / 2**20:.2f} MiB uncompressed "
+        f"({sent / full:.4f}x, {full / sent:.1f}x fewer bytes)"
+    )
+
+
+# --- the hook -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Slot:
+    """One gradient in a bucket: where it lies in the bucket's buffer, and its matrix view when
+    compressed (None: sent as is)."""
+
+    name: str
+    offset: int
+    shape: tuple[int, ...]
+    matrix: tuple[int, int] | None
+    rank: int
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape))
+
+
+class _BucketView:
+    """The bucket as torch's hook should see it: excluded gradients flattened, which its own size test
+    then sends uncompressed (an N x 1 matrix never shrinks)."""
+
+    def __init__(self, bucket, flat: Sequence[bool]):
+        self._bucket, self._flat = bucket, flat
+
+    def gradients(self):
+        return [g.view(-1) if f else g for g, f in zip(self._bucket.gradients(), self._flat, strict=True)]
+
+    def __getattr__(self, name):
+        return getattr(self._bucket, name)
+
+
+class NamedPowerSGD:
+    """Torch's ``powerSGD_hook`` (a DDP comm hook: ``model.register_comm_hook(state, hook)``) with gradients
+    excluded by parameter name, and its state per parameter rather than per bucket.
+
+    The hook keeps error-feedback residuals and warm-start factors per DDP bucket, as flat buffers whose
+    layout is that of the bucket. That layout changes when DDP rebuilds its buckets after the first step
+    of every new process, a resumed one included; so the state is re-laid out by parameter name whenever a
+    bucket's layout changes, and saved by name.
+    """
+
+    def __init__(self, state: powersgd.PowerSGDState, names: dict[int, str], exclude: Iterable[str] = ()):
+        self.state = state
+        self.names = names  # id(parameter) -> name
+        self.exclude = tuple(exclude)
+        self.layouts: dict[int, tuple[Slot, ...]] = {}
+        self.pool: dict[str, dict[str, torch.Tensor]] = {}  # per-name state waiting for its bucket
+        self.relayouts = 0
+        # what DDP checks and reports in its logging data
+        self.__name__ = self.__qualname__ = "powerSGD_hook"
+
+    # the hook
+    def __call__(self, state, bucket):
+        if state.iter >= state.start_powerSGD_iter:
+            self._prepare(state, bucket)
+        flat = [is_excluded(self.names[id(p)], self.exclude) for p in bucket.parameters()]
+        view = _BucketView(bucket, flat) if any(flat) else bucket
+        return powersgd.powerSGD_hook(state, view)
+
+    def _layout(self, bucket) -> tuple[Slot, ...]:
+        buffer = bucket.buffer()
+        base, size = buffer.data_ptr(), buffer.element_size()
+        slots = []
+        for p, g in zip(bucket.parameters(), bucket.gradients(), strict=True):
+            name = self.names[id(p)]
+            t = plan_tensor(
+                name,
+                tuple(g.shape),
+                self.state.matrix_approximation_rank,
+                self.state.min_compression_rate,
+                self.exclude,
+            )
+            slots.append(Slot(name, (g.data_ptr() - base) // size, tuple(g.shape), t.shape, t.rank))
+        return tuple(slots)
+
+    def _prepare(self, state, bucket) -> None:
+        index = bucket.index()
+        layout = self._layout(bucket)
+        if self.layouts.get(index, layout) != layout:  # DDP rebuilt its buckets: every bucket's state by name
+            for i, old in self.layouts.items():
+                self.pool.update(self._unpack(i, old, state.error_dict.get(i)))
+            state.error_dict.clear(), state.p_memory_dict.clear(), state.q_memory_dict.clear()
+            self.layouts.clear()
+            self.relayouts += 1
+        self.layouts[index] = layout
+        if self.pool and index not in state.error_dict and index not in state.q_memory_dict:
+            self._pack(index, layout, bucket.buffer())
+
+    @staticmethod
+    def _compressed(layout: tuple[Slot, ...]) -> list[Slot]:
+        # the order of the hook's factor buffers: grouped by matrix shape, in order of first appearance
+        groups: dict[tuple[int, int], list[Slot]] = {}
+        for s in layout:
+            if s.matrix:
+                groups.setdefault(s.matrix, []).append(s)
+        return [s for group in groups.values() for s in group]
+
+    def _unpack(self, index: int, layout, error: torch.Tensor | None) -> dict[str, dict[str, torch.Tensor]]:
+        """Bucket ``index``'s state under ``layout``, by parameter name."""
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        if error is not None:
+            for s in layout:
+                out.setdefault(s.name, {})["error"] = error[s.offset : s.offset + s.numel].view(s.shape).clone()
+        q = self.state.q_memory_dict.get(index)
+        if q is not None and self.state.warm_start:
+            at = 0
+            for s in self._compressed(layout):
+                size = s.matrix[1] * s.rank
+                out.setdefault(s.name, {})["q"] = q[at : at + size].view(s.matrix[1], s.rank).clone()
+                at += size
+        return out
+
+    def _pack(self, index: int, layout, buffer: torch.Tensor) -> None:
+        """Bucket ``index``'s state under ``layout`` from the per-name pool (what is missing starts fresh:
+        zero residual; random factors for the whole bucket, as the hook's first step does)."""
+        state, device, dtype = self.state, buffer.device, buffer.dtype
+        found = [s for s in layout if s.name in self.pool]
+        if not found:
+            return
+        if state.use_error_feedback:
+            error = torch.zeros(buffer.numel(), device=device, dtype=dtype)
+            for s in found:
+                e = self.pool[s.name].get("error")
+                if e is not None:
+                    error[s.offset : s.offset + s.numel] = e.reshape(-1).to(device, dtype)
+            state.error_dict[index] = error
+        compressed = self._compressed(layout)
+        qs = [self.pool.get(s.name, {}).get("q") for s in compressed]
+        fits = all(
+            q is not None and tuple(q.shape) == (s.matrix[1], s.rank)
+            for q, s in zip(qs, compressed, strict=True)
+        )
+        if state.warm_start and compressed and fits:
+            state.q_memory_dict[index] = torch.cat([q.reshape(-1) for q in qs]).to(device, dtype)
+            # P is recomputed from Q before it is read; the hook only needs it to exist to reuse Q
+            p_size = sum(s.matrix[0] * s.rank for s in compressed)
+            state.p_memory_dict[index] = torch.empty(p_size, device=device, dtype=dtype)
+        for s in found:
+            del self.pool[s.name]
+
+    # checkpoints
+    def state_dict(self) -> dict:
+        """The state to save, the same on every rank; collective (every rank must call it).
+
+        Error feedback adds to each rank's next gradient what compression dropped from its last one.
+        PowerSGD compresses the mean of those over ranks (P = mean(M_r) Q; Q = mean(M_r)^T P), so only the
+        mean residual shapes the training: it is what is saved, and what every rank starts from on resume,
+        whatever the number of ranks then."""
+        state = self.state
+        per_name: dict[str, dict[str, torch.Tensor]] = {k: dict(v) for k, v in self.pool.items()}
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        for index in sorted(self.layouts):
+            error = state.error_dict.get(index)
+            if error is not None and world > 1:
+                error = error.clone()
+                dist.all_reduce(error)
+                error.div_(world)
+            for name, parts in self._unpack(index, self.layouts[index], error).items():
+                per_name.setdefault(name, {}).update(parts)
+        rng = state.rng.get_state()
+        return {
+            "iter": int(state.iter),
+            "rng": {"keys": torch.from_numpy(rng[1].astype(np.int64)), "pos": int(rng[2])},
+            "params": {name: {k: v.cpu() for k, v in parts.items()} for name, parts in per_name.items()},
+        }
+
+    def load_state_dict(self, saved: dict) -> None:
+        """Restore ``state_dict()``; laid out into the buckets when each is first seen."""
+        self.state.iter = int(saved["iter"])
+        keys = saved["rng"]["keys"].numpy().astype(np.uint32)
+        self.state.rng.set_state(("MT19937", keys, int(saved["rng"]["pos"]), 0, 0.0))
+        self.state.error_dict.clear(), self.state.p_memory_dict.clear(), self.state.q_memory_dict.clear()
+        self.layouts.clear()
+        self.pool = {name: dict(parts) for name, parts in saved["params"].items()}
 
 
 def comm_hook(
@@ -28,8 +279,13 @@ def comm_hook(
     powersgd_start_iter: int = 10,
     error_feedback: bool = True,
     powersgd_fp16: bool = False,
+    powersgd_warm_start: bool = True,
+    powersgd_min_compression_rate: float = 2,
+    powersgd_exclude: Iterable[str] = (),
+    names: dict[int, str] | None = None,
 ):
-    """``(state, hook)`` for ``DistributedDataParallel.register_comm_hook``."""
+    """``(state, hook)`` for ``DistributedDataParallel.register_comm_hook``; ``names`` (id(parameter) ->
+    name) is needed by PowerSGD only."""
     if mode == "none":  # what DDP does by default, registered so it is counted like the others
         return process_group, default_hooks.allreduce_hook
     if mode == "fp16":
@@ -38,21 +294,28 @@ def comm_hook(
         return process_group, default_hooks.bf16_compress_hook
     if mode == "powersgd":
         if powersgd_start_iter < 2:
-            # warm start (always on: without it torch's hook loses its buffers when buckets finish out of
-            # order on gloo) and error feedback need two uncompressed iterations first
+            # DDP lays its buckets out anew after the first step; the hook's state needs the final layout
             raise ValueError("compression.start_iter must be >= 2")
+        if powersgd_min_compression_rate < 1:
+            raise ValueError("compression.min_compression_rate must be >= 1")
         state = powersgd.PowerSGDState(
             process_group=process_group,
             matrix_approximation_rank=powersgd_rank,
             start_powerSGD_iter=powersgd_start_iter,
+            min_compression_rate=powersgd_min_compression_rate,
             use_error_feedback=error_feedback,
-            warm_start=True,
+            warm_start=powersgd_warm_start,
         )
-        hook = powersgd.powerSGD_hook
-        return state, default_hooks.fp16_compress_wrapper(hook) if powersgd_fp16 else hook
+        hook = NamedPowerSGD(state, names or {}, powersgd_exclude)
+        if powersgd_fp16:
+            wrapped = default_hooks.fp16_compress_wrapper(hook)
+            wrapped.powersgd = hook
+            return state, wrapped
+        return state, hook
     raise ValueError(f"compression.mode={mode!r}: expected one of {', '.join(MODES)}")
 
 
+# --- counting bytes -------------------------------------------------------------------------------------
 @dataclass
 class ByteCount:
     active: bool = False
@@ -79,11 +342,13 @@ def _count_all_reduce_bytes() -> None:
     dist.all_reduce = all_reduce
 
 
+# --- the strategy ---------------------------------------------------------------------------------------
 class CompressedDDPStrategy(DDPStrategy):
     """Lightning's DDP with ``compression`` (none|fp16|bf16|powersgd) attached whatever the device.
 
     After each synchronizing backward, ``comm_stats`` holds ``bytes`` sent by this rank's all-reduces and
-    ``uncompressed`` (the fp32 gradient size), which the module logs as ``comm/*``.
+    ``uncompressed`` (the fp32 gradient size), which the module logs as ``comm/*``. PowerSGD's state goes
+    into checkpoints under ``"powersgd"`` and is restored from them.
     """
 
     def __init__(
@@ -93,6 +358,9 @@ class CompressedDDPStrategy(DDPStrategy):
         powersgd_start_iter: int = 10,
         error_feedback: bool = True,
         powersgd_fp16: bool = False,
+        powersgd_warm_start: bool = True,
+        powersgd_min_compression_rate: float = 2,
+        powersgd_exclude: Sequence[str] = (),
         **kwargs,
     ):
         if compression not in MODES:
@@ -109,25 +377,46 @@ class CompressedDDPStrategy(DDPStrategy):
             powersgd_start_iter=powersgd_start_iter,
             error_feedback=error_feedback,
             powersgd_fp16=powersgd_fp16,
+            powersgd_warm_start=powersgd_warm_start,
+            powersgd_min_compression_rate=powersgd_min_compression_rate,
+            powersgd_exclude=tuple(powersgd_exclude),
         )
         self.comm_stats: dict[str, float] = {}
         self.comm_hook_name: str | None = None
+        self.powersgd: NamedPowerSGD | None = None
         self._uncompressed_bytes = 0.0
+        self._saved_powersgd: dict | None = None
 
     def _register_ddp_hooks(self) -> None:
-        state, hook = comm_hook(self.compression, process_group=None, **self._hook_options)
+        named = [(n.removeprefix("module."), p) for n, p in self.model.named_parameters()]
+        names = {id(p): n for n, p in named}
+        state, hook = comm_hook(self.compression, process_group=None, names=names, **self._hook_options)
         self.model.register_comm_hook(state, hook)
         _count_all_reduce_bytes()
         # what plain DDP would send: every trained parameter's gradient in fp32
-        self._uncompressed_bytes = float(
-            sum(p.numel() * 4 for p in self.model.parameters() if p.requires_grad)
-        )
+        self._uncompressed_bytes = float(sum(p.numel() * 4 for _, p in named if p.requires_grad))
         # what DDP itself reports as registered (asserted by the tests, not assumed)
         self.comm_hook_name = self.model._get_ddp_logging_data().get("comm_hook")
+        if self.compression == "powersgd":
+            self.powersgd = getattr(hook, "powersgd", hook)
+            if self._saved_powersgd is not None:
+                self.powersgd.load_state_dict(self._saved_powersgd)
+                self._saved_powersgd = None
         if self.global_rank == 0:
             log.info(
                 "gradient compression %s: DDP comm hook %s attached", self.compression, self.comm_hook_name
             )
+            if self.compression == "powersgd":
+                o = self._hook_options
+                plan = powersgd_plan(
+                    named, o["powersgd_rank"], o["powersgd_min_compression_rate"], o["powersgd_exclude"]
+                )
+                log.info(
+                    "PowerSGD rank %d from step %d: %s",
+                    o["powersgd_rank"],
+                    o["powersgd_start_iter"],
+                    describe_plan(plan, element_size=2 if o["powersgd_fp16"] else 4),
+                )
 
     def pre_backward(self, closure_loss: torch.Tensor) -> None:
         super().pre_backward(closure_loss)
@@ -138,3 +427,19 @@ class CompressedDDPStrategy(DDPStrategy):
         _count.active = False
         if _count.bytes:  # zero when the backward did not sync (gradient accumulation)
             self.comm_stats = {"bytes": float(_count.bytes), "uncompressed": self._uncompressed_bytes}
+
+    # PowerSGD's state in checkpoints (every rank saves: the residuals are averaged over ranks first)
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        if self.powersgd is not None:
+            checkpoint[CHECKPOINT_KEY] = self.powersgd.state_dict()
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        saved = checkpoint.get(CHECKPOINT_KEY)
+        if saved is not None and self.compression == "powersgd":
+            if self.powersgd is not None:
+                self.powersgd.load_state_dict(saved)
+            else:  # the hook is attached later, in setup
+                self._saved_powersgd = saved
+        return checkpoint
