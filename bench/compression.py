@@ -56,6 +56,10 @@ SETTINGS |= {
     "r4_fp16": R4 + ["compression.fp16=true"],
     "r4_min_rate16": R4[:-1] + ["compression.min_compression_rate=16"],
     "r4_excl_embed_heads": R4[:-2] + [EMBED_HEADS, "compression.min_compression_rate=2"],
+    "r8_fp16": SETTINGS["r8"] + ["compression.fp16=true"],
+    "r16_fp16": SETTINGS["r16"] + ["compression.fp16=true"],
+    "r32_fp16": SETTINGS["r32"] + ["compression.fp16=true"],
+    "r16_excl_embed_heads": SETTINGS["r16"][:-2] + [EMBED_HEADS, "compression.min_compression_rate=2"],
     "r4_excl_text": R4[:-2]
     + ["compression.exclude=[*text_tower*,*embedding*,*_proj.*]", "compression.min_compression_rate=2"],
 }

@@ -80,8 +80,7 @@ def train(ddp, data, rank: int, world: int, record=None):
 OPTIONS = dict(powersgd_rank=1, powersgd_start_iter=2, error_feedback=True)
 
 
-def resume_worker(rank: int, world: int, port: int, out: str, job: str) -> None:
-    init(rank, world, port)
+def resume_job(rank: int, world: int, out: Path, job: str) -> None:
     torch.manual_seed(0)
     model, data = Net(), batches(STEPS)
     if job == "straight":
@@ -92,9 +91,10 @@ def resume_worker(rank: int, world: int, port: int, out: str, job: str) -> None:
         train(ddp, data[: STEPS // 2], rank, world)
         saved = hook.state_dict()  # collective: every rank calls it
         if rank == 0:
-            torch.save({"model": model.state_dict(), "powersgd": saved}, Path(out) / "half.pt")
+            torch.save({"model": model.state_dict(), "powersgd": saved}, out / "half.pt")
+        dist.barrier()
     else:  # second half, from the checkpoint, with the PowerSGD state restored or not
-        checkpoint = torch.load(Path(out) / "half.pt", weights_only=True)
+        checkpoint = torch.load(out / "half.pt", weights_only=True)
         model.load_state_dict(checkpoint["model"])
         ddp, hook = hooked(model, **OPTIONS)
         if job == "resumed":
@@ -104,46 +104,16 @@ def resume_worker(rank: int, world: int, port: int, out: str, job: str) -> None:
         train(ddp, data[STEPS // 2 :], rank, world)
         assert job != "resumed" or (hook.relayouts >= 1 and not hook.pool)  # the rebuilt bucket was re-laid
     if rank == 0:
-        torch.save(model.state_dict(), Path(out) / f"{job}-{world}.pt")
-    # no destroy_process_group: with a DDP model still alive it aborts the process at exit
+        torch.save(model.state_dict(), out / f"{job}-{world}.pt")
 
 
-def run(world: int, out: Path, job: str) -> dict:
-    mp.spawn(resume_worker, args=(world, free_port(), str(out), job), nprocs=world, join=True)
-    return torch.load(out / f"{job}-{world}.pt", weights_only=True) if job != "first_half" else {}
-
-
-def max_difference(a: dict, b: dict) -> float:
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
-def test_a_resumed_run_on_two_or_one_ranks_ends_where_the_uninterrupted_run_ends(tmp_path):
-    straight = run(WORLD, tmp_path, "straight")
-    run(WORLD, tmp_path, "first_half")
-    saved = torch.load(tmp_path / "half.pt", weights_only=True)["powersgd"]
-    assert saved["iter"] == STEPS // 2
-    model = Net()
-    for name, p in model.named_parameters():  # one mean residual per parameter, shaped like it
-        assert saved["params"][name]["error"].shape == p.shape, name
-    compressed = {"a.weight", "b.weight", "c.weight", "embedding.weight"}
-    assert {n for n, parts in saved["params"].items() if "q" in parts} == compressed
-
-    resumed = run(WORLD, tmp_path, "resumed")
-    assert max_difference(resumed, straight) < 1e-5
-    # on one rank holding the global batch: the mean residual is all PowerSGD needs
-    assert max_difference(run(1, tmp_path, "resumed"), straight) < 1e-5
-    # the check can fail: without the residuals and factors the run ends elsewhere
-    assert max_difference(run(WORLD, tmp_path, "fresh_state"), straight) > 1e-3
-
-
-def exclusion_worker(rank: int, port: int, out: str) -> None:
-    init(rank, WORLD, port)
+def exclusion_job(rank: int, out: Path) -> None:
     torch.manual_seed(0)
     model, data = Net(), batches(3)
     reference = Net()
     reference.load_state_dict(model.state_dict())
     options = dict(powersgd_rank=1, powersgd_start_iter=2, error_feedback=False)
-    ddp, hook = hooked(model, powersgd_exclude=["c.*", "embedding.*"], **options)
+    ddp, _ = hooked(model, powersgd_exclude=["c.*", "embedding.*"], **options)
     record = []
     comp._count_all_reduce_bytes()
     train(ddp, data, rank, WORLD, record)
@@ -156,12 +126,53 @@ def exclusion_worker(rank: int, port: int, out: str) -> None:
             opt.step()
     exact = {n: p.grad.clone() for n, p in reference.named_parameters()}
     if rank == 0:
-        torch.save({"record": record, "exact": exact}, Path(out) / "exclusion.pt")
+        torch.save({"record": record, "exact": exact}, out / "exclusion.pt")
 
 
-def test_excluded_parameters_travel_uncompressed_and_the_bytes_are_the_plans(tmp_path):
-    mp.spawn(exclusion_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    got = torch.load(tmp_path / "exclusion.pt", weights_only=True)
+def worker(rank: int, world: int, port: int, out: str, jobs: list[str]) -> None:
+    init(rank, world, port)
+    for job in jobs:  # each a new DDP model in the same process group
+        if job == "exclusion":
+            exclusion_job(rank, Path(out))
+        else:
+            resume_job(rank, world, Path(out), job)
+    # no destroy_process_group: with DDP models still alive it aborts the process at exit
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("powersgd")
+    jobs = ["straight", "first_half", "resumed", "fresh_state", "exclusion"]
+    mp.spawn(worker, args=(WORLD, free_port(), str(out), jobs), nprocs=WORLD, join=True)
+    mp.spawn(worker, args=(1, free_port(), str(out), ["resumed"]), nprocs=1, join=True)
+    return out
+
+
+def max_difference(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_a_resumed_run_on_two_or_one_ranks_ends_where_the_uninterrupted_run_ends(runs):
+    def load(name):
+        return torch.load(runs / name, weights_only=True)
+
+    saved = load("half.pt")["powersgd"]
+    assert saved["iter"] == STEPS // 2
+    for name, p in Net().named_parameters():  # one mean residual per parameter, shaped like it
+        assert saved["params"][name]["error"].shape == p.shape, name
+    compressed = {"a.weight", "b.weight", "c.weight", "embedding.weight"}
+    assert {n for n, parts in saved["params"].items() if "q" in parts} == compressed
+
+    straight = load(f"straight-{WORLD}.pt")
+    assert max_difference(load(f"resumed-{WORLD}.pt"), straight) < 1e-5
+    # on one rank holding the global batch: the mean residual is all PowerSGD needs
+    assert max_difference(load("resumed-1.pt"), straight) < 1e-5
+    # the check can fail: without the residuals and factors the run ends elsewhere
+    assert max_difference(load(f"fresh_state-{WORLD}.pt"), straight) > 1e-3
+
+
+def test_excluded_parameters_travel_uncompressed_and_the_bytes_are_the_plans(runs):
+    got = torch.load(runs / "exclusion.pt", weights_only=True)
     (grads, sent), exact = got["record"][2], got["exact"]
     plan = {t.name: t for t in powersgd_plan(Net().named_parameters(), 1, 2, ["c.*", "embedding.*"])}
     assert plan["c.weight"].why == plan["embedding.weight"].why == "excluded"

@@ -198,7 +198,9 @@ class NamedPowerSGD:
         out: dict[str, dict[str, torch.Tensor]] = {}
         if error is not None:
             for s in layout:
-                out.setdefault(s.name, {})["error"] = error[s.offset : s.offset + s.numel].view(s.shape).clone()
+                out.setdefault(s.name, {})["error"] = (
+                    error[s.offset : s.offset + s.numel].view(s.shape).clone()
+                )
         q = self.state.q_memory_dict.get(index)
         if q is not None and self.state.warm_start:
             at = 0
@@ -365,10 +367,14 @@ class CompressedDDPStrategy(DDPStrategy):
     ):
         if compression not in MODES:
             raise ValueError(f"compression.mode={compression!r}: expected one of {', '.join(MODES)}")
-        if compression == "powersgd" and kwargs.get("process_group_backend") != "nccl":
+        if compression == "powersgd" and (
+            kwargs.get("process_group_backend") != "nccl" or not powersgd_warm_start
+        ):
             # torch's PowerSGD hook issues its later all-reduces from future callbacks; on gloo those of
             # different buckets can reach the ranks in different orders (a collective mismatch that aborts
-            # the process), so all gradients go in one bucket there
+            # the process), so all gradients go in one bucket there. Without warm start the hook clears
+            # every bucket's factors when one bucket finishes, which breaks the others in flight: one
+            # bucket there too.
             kwargs.setdefault("bucket_cap_mb", 2**20)
         super().__init__(**kwargs)
         self.compression = compression
