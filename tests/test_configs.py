@@ -131,6 +131,22 @@ def test_ddp_trainers_build_our_strategy_with_the_compression(trainer, mode, tmp
     assert strategy._process_group_backend == ("nccl" if trainer == "ddp" else "gloo")
 
 
+def test_the_powersgd_presets_reach_the_strategy(tmp_path):
+    # the settings chosen from the sweep in docs/results.md
+    expected = {"powersgd": (16, False), "powersgd_aggressive": (4, True)}
+    for preset, (rank, fp16) in expected.items():
+        cfg = compose_config(
+            ["trainer=ddp_cpu", f"compression={preset}", "compression.exclude=[*proj*]"], tmp_path
+        )
+        strategy = instantiate(train.split_trainer_config(cfg)[0].strategy)
+        options = strategy._hook_options
+        assert strategy.compression == "powersgd" and options["powersgd_rank"] == rank, preset
+        assert (
+            options["powersgd_fp16"] is fp16 and options["error_feedback"] and options["powersgd_warm_start"]
+        )
+        assert options["powersgd_start_iter"] == 10 and options["powersgd_exclude"] == ("*proj*",)
+
+
 def test_compression_without_ddp_and_grad_cache_with_accumulation_are_errors(tmp_path):
     from autoglm_train.config_check import check_train_config
 

@@ -312,6 +312,7 @@ def comm_hook(
         if powersgd_fp16:
             wrapped = default_hooks.fp16_compress_wrapper(hook)
             wrapped.powersgd = hook
+            wrapped.__qualname__ = "fp16_compress_wrapper(powerSGD_hook)"
             return state, wrapped
         return state, hook
     raise ValueError(f"compression.mode={mode!r}: expected one of {', '.join(MODES)}")
