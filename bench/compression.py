@@ -111,24 +111,35 @@ def load_store() -> dict:
     return json.loads(STORE.read_text()) if STORE.is_file() else {}
 
 
-def frontier_plot(rows: list[tuple[str, dict]], base: dict, path: Path) -> None:
+def frontier_plot(budgets: dict[str, dict], path: Path) -> None:
+    """Δ val/r1_mean against the bytes ratio, one point per setting, one marker per step budget."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name, r in rows:
-        x = r["bytes_mean"] / base["bytes_mean"]
-        y = 100 * (r["val_r1_mean"] - base["val_r1_mean"])
-        ax.scatter(x, y, color="tab:red" if name.startswith("powersgd") else "tab:blue", zorder=3)
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    for (key, runs), marker in zip(budgets.items(), "os^D", strict=False):
+        base = runs["none"]
+        for name, r in runs.items():
+            if name == "none":
+                continue
+            x = r["bytes_per_step"] / base["bytes_per_step"]  # a long run's cost; the table has the mean too
+            y = 100 * (r["val_r1_mean"] - base["val_r1_mean"])
+            color = "tab:red" if name.startswith("powersgd") else "tab:blue"
+            ax.scatter(x, y, marker=marker, color=color, zorder=3, label=f"{key.split('x')[0]} steps")
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    ax.legend(unique.values(), unique.keys(), fontsize=8, loc="lower right")
     ax.axhline(-1, color="grey", linestyle="--", linewidth=0.8)
     ax.axvline(0.1, color="grey", linestyle=":", linewidth=0.8)
     ax.set_xscale("log")
-    ax.set_xlabel("bytes all-reduced per step, mean over the run / uncompressed")
-    ax.set_ylabel("Δ val/r1_mean vs uncompressed (points)")
-    ax.set_title("PowerSGD settings, 2 gloo ranks (dashed: -1 point; dotted: 10x fewer bytes)", fontsize=8)
+    ax.set_xlabel("bytes all-reduced per step once PowerSGD runs / compression=none")
+    ax.set_ylabel("Δ val/r1_mean vs compression=none (points)")
+    ax.set_title(
+        "2 gloo ranks, shapes_align (dashed: -1 point; dotted: 10x fewer bytes; red: presets)", fontsize=8
+    )
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -146,14 +157,17 @@ def table(rows: list[tuple[str, dict]], base: dict, steps: int, batch_size: int)
         "bench/compression.py `SETTINGS`; runs: bench/compression_runs.json. "
         "Plot: [compression_frontier.png](compression_frontier.png).",
         "",
-        "| setting | overrides | MiB / step | mean MiB / step | bytes vs none | val/r1_mean | Δ points "
+        "| setting | overrides | MiB / step | vs none | mean MiB / step | vs none | val/r1_mean | Δ points "
         "| samples/s |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows:
-        overrides = " ".join(o for o in r["overrides"] if o != PSGD) or "—"
+        # the pinned defaults (there so a later change of conf/compression/powersgd.yaml cannot move them)
+        pinned = (PSGD, "compression.exclude=[]", "compression.min_compression_rate=2")
+        overrides = " ".join(o.removeprefix("compression.") for o in r["overrides"] if o not in pinned) or "—"
         lines.append(
-            f"| {name} | `{overrides}` | {r['bytes_per_step'] / 2**20:.2f} | {r['bytes_mean'] / 2**20:.2f} | "
+            f"| {name} | `{overrides}` | {r['bytes_per_step'] / 2**20:.2f} | "
+            f"{r['bytes_per_step'] / base['bytes_per_step']:.4f} | {r['bytes_mean'] / 2**20:.2f} | "
             f"{r['bytes_mean'] / base['bytes_mean']:.4f} | {r['val_r1_mean']:.4f} | "
             f"{100 * (r['val_r1_mean'] - base['val_r1_mean']):+.1f} | {r['samples_per_s']:.1f} |"
         )
@@ -194,18 +208,26 @@ def main() -> None:
 
     base = runs["none"]
     rows = sorted(runs.items(), key=lambda kv: -kv[1]["bytes_mean"])
-    text = table(rows, base, args.steps, args.batch_size)
-    print(text)
+    print(table(rows, base, args.steps, args.batch_size))
     if not args.no_write:
-        frontier_plot(rows, base, PLOT)
+        budgets = dict(sorted(store.items(), key=lambda kv: int(kv[0].split("x")[0])))
+        tables = [
+            table(sorted(r.items(), key=lambda kv: -kv[1]["bytes_mean"]), r["none"], *map(int, k.split("x")))
+            for k, r in budgets.items()
+            if "none" in r
+        ]
+        frontier_plot(budgets, PLOT)
         RESULTS.write_text(
             replace_section(
-                RESULTS.read_text(), "compression", "## Gradient compression (2 gloo ranks)\n\n" + text
+                RESULTS.read_text(),
+                "compression",
+                "## Gradient compression (2 gloo ranks)\n\n" + "\n\n".join(tables),
             )
         )
     summary = {
         name: {
             "bytes_ratio": round(r["bytes_mean"] / base["bytes_mean"], 4),
+            "steady_ratio": round(r["bytes_per_step"] / base["bytes_per_step"], 4),
             "val_r1_mean": round(r["val_r1_mean"], 4),
             "r1_vs_none": round(r["val_r1_mean"] - base["val_r1_mean"], 4),
         }

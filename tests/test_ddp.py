@@ -66,13 +66,13 @@ class Record(L.Callback):
         self.grads.append({n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None})
 
 
-def fit(module, batches, strategy="auto", devices=1) -> Record:
+def fit(module, batches, strategy="auto", devices=1, steps=STEPS, ckpt_path=None, save=None) -> Record:
     record = Record()
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
         strategy=strategy,
-        max_steps=STEPS,
+        max_steps=steps,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -81,7 +81,9 @@ def fit(module, batches, strategy="auto", devices=1) -> Record:
         callbacks=[record, CommStats()],  # as train.py adds it
     )
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
-    trainer.fit(module, train_dataloaders=loader, val_dataloaders=[])
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=[], ckpt_path=ckpt_path)
+    if save:
+        trainer.save_checkpoint(save)  # on every rank, as ModelCheckpoint does
     return record
 
 
@@ -92,9 +94,17 @@ def worker(rank: int, port: int, out_dir: str, loss: str, compression: str, opti
     module = make_module(loss)
     shard = [{k: v[rank * B : (rank + 1) * B] for k, v in b.items()} for b in global_batches()]
     strategy = CompressedDDPStrategy(compression=compression, process_group_backend="gloo", **options)
-    record = fit(module, shard, strategy=strategy, devices=WORLD)
+    checkpoint = Path(out_dir) / f"{compression}.ckpt" if compression == "powersgd" else None
+    record = fit(module, shard, strategy=strategy, devices=WORLD, save=checkpoint)
+    resumed = {}
+    if checkpoint:  # one more step from the checkpoint: PowerSGD's saved state goes into the new hook
+        again = CompressedDDPStrategy(compression=compression, process_group_backend="gloo", **options)
+        fit(make_module(loss), shard, strategy=again, devices=WORLD, steps=STEPS + 1, ckpt_path=checkpoint)
+        hook = again.powersgd
+        resumed = {"iter": hook.state.iter, "pool": len(hook.pool), "factors": len(hook.state.q_memory_dict)}
     torch.save(
         {
+            "resumed": resumed,
             "losses": record.losses,
             "grads": record.grads,
             "params": {n: p.detach().clone() for n, p in module.named_parameters()},
@@ -156,6 +166,12 @@ def test_powersgd_is_attached_and_sends_a_low_rank_projection(tmp_path, uncompre
         assert torch.equal(got["grads"][1][name], g), name
     assert got["hook"] == "powerSGD_hook"
     assert got["comm"]["bytes"] < 0.5 * uncompressed["comm"]["bytes"]
+    # the Lightning checkpoint carries PowerSGD's state by parameter name, and a resumed run takes it up
+    saved = torch.load(tmp_path / "powersgd.ckpt", weights_only=True)["powersgd"]
+    # without error feedback: the warm-start factors of the compressed matrices
+    assert saved["iter"] == STEPS and saved["params"] and set(saved["params"]) <= set(uncompressed["params"])
+    assert all(set(parts) == {"q"} for parts in saved["params"].values())
+    assert got["resumed"] == {"iter": STEPS + 1, "pool": 0, "factors": 1}
     compressed = 0
     for name, m in uncompressed["grads"][2].items():
         c = got["grads"][2][name]
