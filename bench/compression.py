@@ -47,6 +47,9 @@ SETTINGS: dict[str, list[str]] = {
     "r16": [PSGD, "compression.rank=16", "compression.exclude=[]", "compression.min_compression_rate=2"],
     "r32": [PSGD, "compression.rank=32", "compression.exclude=[]", "compression.min_compression_rate=2"],
 }
+# what the sweep's settings pin (so that a later change of conf/compression/powersgd.yaml cannot move
+# them), left out of the table
+PINNED = (PSGD, "compression.exclude=[]", "compression.min_compression_rate=2")
 R4 = SETTINGS["r4"]
 EMBED_HEADS = "compression.exclude=[*embedding*,*image_proj*,*text_proj*]"
 SETTINGS |= {
@@ -89,7 +92,11 @@ def run_setting(overrides: list[str], steps: int, batch_size: int, run_dir: Path
     command = base_command(steps, batch_size, run_dir) + overrides
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ})
     if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(overrides)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+        diverged = [line for line in done.stderr.splitlines() if "NonFiniteError: training diverged" in line]
+        if not diverged:
+            raise RuntimeError(f"{' '.join(overrides)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+        # a setting that diverges is a result of the sweep, not a failure of it
+        return {"overrides": overrides, "steps": steps, "batch_size": batch_size, "diverged": diverged[0]}
     metrics = json.loads((run_dir / "metrics.json").read_text())
     with open(run_dir / "csv" / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("comm/bytes")]
@@ -122,13 +129,14 @@ def frontier_plot(budgets: dict[str, dict], path: Path) -> None:
     for (key, runs), marker in zip(budgets.items(), "os^D", strict=False):
         base = runs["none"]
         for name, r in runs.items():
-            if name == "none":
+            if name == "none" or "diverged" in r:
                 continue
             x = r["bytes_per_step"] / base["bytes_per_step"]  # a long run's cost; the table has the mean too
             y = 100 * (r["val_r1_mean"] - base["val_r1_mean"])
             color = "tab:red" if name.startswith("powersgd") else "tab:blue"
             ax.scatter(x, y, marker=marker, color=color, zorder=3, label=f"{key.split('x')[0]} steps")
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+            below = name.startswith("powersgd")  # presets: label below, clear of the sweep's point
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, -10 if below else 3), fontsize=7)
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
     ax.legend(unique.values(), unique.keys(), fontsize=8, loc="lower right")
@@ -162,16 +170,22 @@ def table(rows: list[tuple[str, dict]], base: dict, steps: int, batch_size: int)
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows:
-        # the pinned defaults (there so a later change of conf/compression/powersgd.yaml cannot move them)
-        pinned = (PSGD, "compression.exclude=[]", "compression.min_compression_rate=2")
-        overrides = " ".join(o.removeprefix("compression.") for o in r["overrides"] if o not in pinned) or "—"
+        if "diverged" in r:
+            continue
+        overrides = " ".join(o.removeprefix("compression.") for o in r["overrides"] if o not in PINNED)
+        overrides = overrides or "the preset's defaults"
         lines.append(
             f"| {name} | `{overrides}` | {r['bytes_per_step'] / 2**20:.2f} | "
             f"{r['bytes_per_step'] / base['bytes_per_step']:.4f} | {r['bytes_mean'] / 2**20:.2f} | "
             f"{r['bytes_mean'] / base['bytes_mean']:.4f} | {r['val_r1_mean']:.4f} | "
             f"{100 * (r['val_r1_mean'] - base['val_r1_mean']):+.1f} | {r['samples_per_s']:.1f} |"
         )
-    return "\n".join(lines)
+    for name, r in rows:
+        if "diverged" in r:
+            overrides = " ".join(o.removeprefix("compression.") for o in r["overrides"] if o not in PINNED)
+            lines.append(f"| {name} | `{overrides}` | | | | | diverged | | |")
+    notes = [f"- {name}: {r['diverged'].split(': ', 1)[1]}" for name, r in rows if "diverged" in r]
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def main() -> None:
@@ -199,6 +213,9 @@ def main() -> None:
             r = run_setting(SETTINGS[name], args.steps, args.batch_size, Path(tmp) / name)
         runs[name] = r
         STORE.write_text(json.dumps(store, indent=1) + "\n")  # after each run: a long sweep loses nothing
+        if "diverged" in r:
+            print(f"{name:>20}: {r['diverged']}", file=sys.stderr, flush=True)
+            continue
         print(
             f"{name:>20}: {r['bytes_per_step'] / 2**20:7.2f} MiB/step (mean {r['bytes_mean'] / 2**20:.2f}) "
             f"of {r['bytes_uncompressed'] / 2**20:.2f}, val/r1_mean {r['val_r1_mean']:.4f}",
@@ -207,12 +224,16 @@ def main() -> None:
         )
 
     base = runs["none"]
-    rows = sorted(runs.items(), key=lambda kv: -kv[1]["bytes_mean"])
+    rows = sorted(runs.items(), key=lambda kv: -kv[1].get("bytes_mean", 0))
     print(table(rows, base, args.steps, args.batch_size))
     if not args.no_write:
         budgets = dict(sorted(store.items(), key=lambda kv: int(kv[0].split("x")[0])))
         tables = [
-            table(sorted(r.items(), key=lambda kv: -kv[1]["bytes_mean"]), r["none"], *map(int, k.split("x")))
+            table(
+                sorted(r.items(), key=lambda kv: -kv[1].get("bytes_mean", 0)),
+                r["none"],
+                *map(int, k.split("x")),
+            )
             for k, r in budgets.items()
             if "none" in r
         ]
@@ -232,6 +253,7 @@ def main() -> None:
             "r1_vs_none": round(r["val_r1_mean"] - base["val_r1_mean"], 4),
         }
         for name, r in rows
+        if "diverged" not in r
     }
     headline = summary.get("powersgd", {}).get("bytes_ratio")
     print(json.dumps({"bench": "compression", "steps": args.steps, "settings": summary, "ratio": headline}))

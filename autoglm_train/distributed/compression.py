@@ -300,6 +300,8 @@ def comm_hook(
             raise ValueError("compression.start_iter must be >= 2")
         if powersgd_min_compression_rate < 1:
             raise ValueError("compression.min_compression_rate must be >= 1")
+        if not names:
+            raise ValueError("PowerSGD needs names: {id(parameter): name} of the DDP model's parameters")
         state = powersgd.PowerSGDState(
             process_group=process_group,
             matrix_approximation_rank=powersgd_rank,
@@ -308,7 +310,7 @@ def comm_hook(
             use_error_feedback=error_feedback,
             warm_start=powersgd_warm_start,
         )
-        hook = NamedPowerSGD(state, names or {}, powersgd_exclude)
+        hook = NamedPowerSGD(state, names, powersgd_exclude)
         if powersgd_fp16:
             wrapped = default_hooks.fp16_compress_wrapper(hook)
             wrapped.powersgd = hook
