@@ -32,39 +32,35 @@ from loss_comparison import RESULTS, ROOT, replace_section  # noqa: E402
 STORE = ROOT / "bench" / "compression_runs.json"
 PLOT = ROOT / "docs" / "compression_frontier.png"
 PSGD = "compression=powersgd"
-# name -> overrides on top of the base run; PowerSGD settings state every knob they change from the
-# `compression=powersgd` defaults (conf/compression/powersgd.yaml)
+
+
+def psgd(rank: int, exclude: str = "[]", min_compression_rate: float = 2, **changes: str) -> list[str]:
+    """A PowerSGD setting: the rank, exclusions and size threshold pinned (so that a later change of
+    conf/compression/powersgd.yaml cannot move it), then what else it changes from the defaults."""
+    pinned = [f"compression.rank={rank}", f"compression.exclude={exclude}"]
+    pinned.append(f"compression.min_compression_rate={min_compression_rate}")
+    return [PSGD, *pinned, *(f"compression.{key}={value}" for key, value in changes.items())]
+
+
+# the pins every setting shares, left out of the table
+PINNED = (PSGD, "compression.exclude=[]", "compression.min_compression_rate=2")
+EMBED_HEADS = "[*embedding*,*image_proj*,*text_proj*]"
+# name -> overrides on top of the base run
 SETTINGS: dict[str, list[str]] = {
     "none": ["compression=none"],
     "fp16": ["compression=fp16"],
     "bf16": ["compression=bf16"],
     "powersgd": [PSGD],  # whatever the defaults are now
     "powersgd_aggressive": ["compression=powersgd_aggressive"],
-    "r1": [PSGD, "compression.rank=1", "compression.exclude=[]", "compression.min_compression_rate=2"],
-    "r2": [PSGD, "compression.rank=2", "compression.exclude=[]", "compression.min_compression_rate=2"],
-    "r4": [PSGD, "compression.rank=4", "compression.exclude=[]", "compression.min_compression_rate=2"],
-    "r8": [PSGD, "compression.rank=8", "compression.exclude=[]", "compression.min_compression_rate=2"],
-    "r16": [PSGD, "compression.rank=16", "compression.exclude=[]", "compression.min_compression_rate=2"],
-    "r32": [PSGD, "compression.rank=32", "compression.exclude=[]", "compression.min_compression_rate=2"],
-}
-# what the sweep's settings pin (so that a later change of conf/compression/powersgd.yaml cannot move
-# them), left out of the table
-PINNED = (PSGD, "compression.exclude=[]", "compression.min_compression_rate=2")
-R4 = SETTINGS["r4"]
-EMBED_HEADS = "compression.exclude=[*embedding*,*image_proj*,*text_proj*]"
-SETTINGS |= {
-    "r4_no_error_feedback": R4 + ["compression.error_feedback=false"],
-    "r4_no_warm_start": R4 + ["compression.warm_start=false"],
-    "r4_start50": R4 + ["compression.start_iter=50"],
-    "r4_fp16": R4 + ["compression.fp16=true"],
-    "r4_min_rate16": R4[:-1] + ["compression.min_compression_rate=16"],
-    "r4_excl_embed_heads": R4[:-2] + [EMBED_HEADS, "compression.min_compression_rate=2"],
-    "r8_fp16": SETTINGS["r8"] + ["compression.fp16=true"],
-    "r16_fp16": SETTINGS["r16"] + ["compression.fp16=true"],
-    "r32_fp16": SETTINGS["r32"] + ["compression.fp16=true"],
-    "r16_excl_embed_heads": SETTINGS["r16"][:-2] + [EMBED_HEADS, "compression.min_compression_rate=2"],
-    "r4_excl_text": R4[:-2]
-    + ["compression.exclude=[*text_tower*,*embedding*,*_proj.*]", "compression.min_compression_rate=2"],
+    **{f"r{rank}": psgd(rank) for rank in (1, 2, 4, 8, 16, 32)},
+    **{f"r{rank}_fp16": psgd(rank, fp16="true") for rank in (4, 8, 16, 32)},
+    "r4_no_error_feedback": psgd(4, error_feedback="false"),
+    "r4_no_warm_start": psgd(4, warm_start="false"),
+    "r4_start50": psgd(4, start_iter="50"),
+    "r4_min_rate16": psgd(4, min_compression_rate=16),
+    "r4_excl_embed_heads": psgd(4, exclude=EMBED_HEADS),
+    "r16_excl_embed_heads": psgd(16, exclude=EMBED_HEADS),
+    "r4_excl_text": psgd(4, exclude="[*text_tower*,*embedding*,*_proj.*]"),
 }
 
 

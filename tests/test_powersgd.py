@@ -56,8 +56,7 @@ def init(rank: int, world: int, port: int) -> None:
 
 def hooked(model: nn.Module, **options):
     ddp = DDP(model, bucket_cap_mb=1024)  # one bucket, as CompressedDDPStrategy has on gloo
-    names = {id(p): n for n, p in model.named_parameters()}
-    state, hook = comm_hook("powersgd", names=names, **options)
+    state, hook = comm_hook("powersgd", named_parameters=model.named_parameters(), **options)
     ddp.register_comm_hook(state, hook)
     return ddp, getattr(hook, "powersgd", hook)
 
@@ -183,8 +182,8 @@ def test_excluded_parameters_travel_uncompressed_and_the_bytes_are_the_plans(run
         else:  # vectors and excluded matrices: the exact average
             torch.testing.assert_close(grads[name], exact[name], atol=1e-6, rtol=1e-5, msg=name)
     # bytes by group: uncompressed tensors in full, compressed ones as their n x r and m x r factors
-    full = sum(t.numel for t in plan.values() if t.shape is None)
-    factors = sum(t.elements_sent for t in plan.values() if t.shape is not None)
+    full = sum(t.numel for t in plan.values() if t.matrix is None)
+    factors = sum(t.elements_sent for t in plan.values() if t.matrix is not None)
     assert factors == (16 + 32) + (4 + 32)
     assert sent == 4 * (full + factors)
     assert got["record"][0][1] == 4 * sum(t.numel for t in plan.values())  # the uncompressed start

@@ -106,11 +106,11 @@ def export_model(
     return out
 
 
-def copy_sidecars(src: Path, dst: Path, **meta_updates) -> None:
-    """The tokenizer and ``export.json`` of one export next to another's graphs (``meta_updates`` applied)."""
+def copy_sidecars(src: Path, dst: Path, meta: dict) -> None:
+    """The tokenizer of the export in ``src`` next to another's graphs in ``dst``, with ``meta`` as its
+    ``export.json``."""
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src / TOKENIZER_FILE, dst / TOKENIZER_FILE)
-    meta = {**json.loads((src / META_FILE).read_text()), **meta_updates}
     atomic_write_text(dst / META_FILE, json.dumps(meta, indent=2))
 
 

@@ -88,7 +88,7 @@ def quantize_export(
     tokens = [_numpy(b, np.int64) for b in calibration_tokens]
     quantize_graph(src / IMAGE_FILE, dst / IMAGE_FILE, image_mode, meta["inputs"]["image"], images)
     quantize_graph(src / TEXT_FILE, dst / TEXT_FILE, text_mode, meta["inputs"]["text"], tokens)
-    copy_sidecars(src, dst, precision=f"int8 (image {image_mode}, text {text_mode})")
+    copy_sidecars(src, dst, {**meta, "precision": f"int8 (image {image_mode}, text {text_mode})"})
     return dst
 
 

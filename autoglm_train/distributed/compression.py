@@ -32,18 +32,22 @@ CHECKPOINT_KEY = "powersgd"
 # --- what is compressed ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TensorPlan:
-    """How one gradient travels under PowerSGD: ``shape`` (n, m) and ``rank`` when compressed (n x r and
-    m x r factors are all-reduced), else None (all-reduced as is)."""
+    """How one gradient travels under PowerSGD: when compressed, the hook's ``matrix`` view (n, m) and
+    ``rank`` (n x r and m x r factors are all-reduced); else ``matrix`` None (all-reduced as is)."""
 
     name: str
-    numel: int
-    shape: tuple[int, int] | None
+    shape: tuple[int, ...]  # the parameter's
+    matrix: tuple[int, int] | None
     rank: int
     why: str  # compressed | vector | excluded | small
 
     @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
     def elements_sent(self) -> int:
-        return (self.shape[0] + self.shape[1]) * self.rank if self.shape else self.numel
+        return (self.matrix[0] + self.matrix[1]) * self.rank if self.matrix else self.numel
 
 
 def is_excluded(name: str, exclude: Iterable[str]) -> bool:
@@ -51,16 +55,17 @@ def is_excluded(name: str, exclude: Iterable[str]) -> bool:
 
 
 def plan_tensor(name: str, shape: Sequence[int], rank: int, min_rate: float, exclude: Iterable[str]):
-    numel = int(np.prod(shape)) if len(shape) else 1
+    shape = tuple(int(d) for d in shape)
     if len(shape) <= 1:
-        return TensorPlan(name, numel, None, 0, "vector")
+        return TensorPlan(name, shape, None, 0, "vector")
     if is_excluded(name, exclude):
-        return TensorPlan(name, numel, None, 0, "excluded")
-    n, m = int(shape[0]), numel // int(shape[0])  # the hook's view: first dimension x the rest
+        return TensorPlan(name, shape, None, 0, "excluded")
+    n = shape[0]
+    m = int(np.prod(shape)) // n  # the hook's view: first dimension x the rest
     r = min(n, m, rank)
     if not powersgd._should_compress(n, m, r, min_rate)[0]:
-        return TensorPlan(name, numel, None, 0, "small")
-    return TensorPlan(name, numel, (n, m), r, "compressed")
+        return TensorPlan(name, shape, None, 0, "small")
+    return TensorPlan(name, shape, (n, m), r, "compressed")
 
 
 def powersgd_plan(named_parameters, rank: int, min_rate: float = 2, exclude: Iterable[str] = ()):
@@ -97,20 +102,8 @@ def describe_plan(plan: list[TensorPlan], element_size: int = 4) -> str:
 
 
 # --- the hook -------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Slot:
-    """One gradient in a bucket: where it lies in the bucket's buffer, and its matrix view when
-    compressed (None: sent as is)."""
-
-    name: str
-    offset: int
-    shape: tuple[int, ...]
-    matrix: tuple[int, int] | None
-    rank: int
-
-    @property
-    def numel(self) -> int:
-        return int(np.prod(self.shape))
+# one gradient in a bucket: where it lies in the bucket's buffer, and how it travels
+Slot = tuple[int, TensorPlan]
 
 
 class _BucketView:
@@ -137,10 +130,12 @@ class NamedPowerSGD:
     bucket's layout changes, and saved by name.
     """
 
-    def __init__(self, state: powersgd.PowerSGDState, names: dict[int, str], exclude: Iterable[str] = ()):
+    def __init__(self, state: powersgd.PowerSGDState, named_parameters, exclude: Iterable[str] = ()):
         self.state = state
-        self.names = names  # id(parameter) -> name
-        self.exclude = tuple(exclude)
+        # each trained parameter's plan, by id(parameter): fixed for the run, so made once
+        trained = [(name, p) for name, p in named_parameters if p.requires_grad]
+        plans = powersgd_plan(trained, state.matrix_approximation_rank, state.min_compression_rate, exclude)
+        self.plans = {id(p): t for (_, p), t in zip(trained, plans, strict=True)}
         self.layouts: dict[int, tuple[Slot, ...]] = {}
         self.pool: dict[str, dict[str, torch.Tensor]] = {}  # per-name state waiting for its bucket
         self.relayouts = 0
@@ -151,25 +146,17 @@ class NamedPowerSGD:
     def __call__(self, state, bucket):
         if state.iter >= state.start_powerSGD_iter:
             self._prepare(state, bucket)
-        flat = [is_excluded(self.names[id(p)], self.exclude) for p in bucket.parameters()]
+        flat = [self.plans[id(p)].why == "excluded" for p in bucket.parameters()]
         view = _BucketView(bucket, flat) if any(flat) else bucket
         return powersgd.powerSGD_hook(state, view)
 
     def _layout(self, bucket) -> tuple[Slot, ...]:
         buffer = bucket.buffer()
         base, size = buffer.data_ptr(), buffer.element_size()
-        slots = []
-        for p, g in zip(bucket.parameters(), bucket.gradients(), strict=True):
-            name = self.names[id(p)]
-            t = plan_tensor(
-                name,
-                tuple(g.shape),
-                self.state.matrix_approximation_rank,
-                self.state.min_compression_rate,
-                self.exclude,
-            )
-            slots.append(Slot(name, (g.data_ptr() - base) // size, tuple(g.shape), t.shape, t.rank))
-        return tuple(slots)
+        return tuple(
+            ((g.data_ptr() - base) // size, self.plans[id(p)])
+            for p, g in zip(bucket.parameters(), bucket.gradients(), strict=True)
+        )
 
     def _prepare(self, state, bucket) -> None:
         index = bucket.index()
@@ -185,28 +172,26 @@ class NamedPowerSGD:
             self._pack(index, layout, bucket.buffer())
 
     @staticmethod
-    def _compressed(layout: tuple[Slot, ...]) -> list[Slot]:
+    def _compressed(layout: tuple[Slot, ...]) -> list[TensorPlan]:
         # the order of the hook's factor buffers: grouped by matrix shape, in order of first appearance
-        groups: dict[tuple[int, int], list[Slot]] = {}
-        for s in layout:
-            if s.matrix:
-                groups.setdefault(s.matrix, []).append(s)
-        return [s for group in groups.values() for s in group]
+        groups: dict[tuple[int, int], list[TensorPlan]] = {}
+        for _, t in layout:
+            if t.matrix:
+                groups.setdefault(t.matrix, []).append(t)
+        return [t for group in groups.values() for t in group]
 
     def _unpack(self, index: int, layout, error: torch.Tensor | None) -> dict[str, dict[str, torch.Tensor]]:
         """Bucket ``index``'s state under ``layout``, by parameter name."""
         out: dict[str, dict[str, torch.Tensor]] = {}
         if error is not None:
-            for s in layout:
-                out.setdefault(s.name, {})["error"] = (
-                    error[s.offset : s.offset + s.numel].view(s.shape).clone()
-                )
+            for offset, t in layout:
+                out.setdefault(t.name, {})["error"] = error[offset : offset + t.numel].view(t.shape).clone()
         q = self.state.q_memory_dict.get(index)
         if q is not None and self.state.warm_start:
             at = 0
-            for s in self._compressed(layout):
-                size = s.matrix[1] * s.rank
-                out.setdefault(s.name, {})["q"] = q[at : at + size].view(s.matrix[1], s.rank).clone()
+            for t in self._compressed(layout):
+                size = t.matrix[1] * t.rank
+                out.setdefault(t.name, {})["q"] = q[at : at + size].view(t.matrix[1], t.rank).clone()
                 at += size
         return out
 
@@ -214,29 +199,29 @@ class NamedPowerSGD:
         """Bucket ``index``'s state under ``layout`` from the per-name pool (what is missing starts fresh:
         zero residual; random factors for the whole bucket, as the hook's first step does)."""
         state, device, dtype = self.state, buffer.device, buffer.dtype
-        found = [s for s in layout if s.name in self.pool]
+        found = [(offset, t) for offset, t in layout if t.name in self.pool]
         if not found:
             return
         if state.use_error_feedback:
             error = torch.zeros(buffer.numel(), device=device, dtype=dtype)
-            for s in found:
-                e = self.pool[s.name].get("error")
+            for offset, t in found:
+                e = self.pool[t.name].get("error")
                 if e is not None:
-                    error[s.offset : s.offset + s.numel] = e.reshape(-1).to(device, dtype)
+                    error[offset : offset + t.numel] = e.reshape(-1).to(device, dtype)
             state.error_dict[index] = error
         compressed = self._compressed(layout)
-        qs = [self.pool.get(s.name, {}).get("q") for s in compressed]
+        qs = [self.pool.get(t.name, {}).get("q") for t in compressed]
         fits = all(
-            q is not None and tuple(q.shape) == (s.matrix[1], s.rank)
-            for q, s in zip(qs, compressed, strict=True)
+            q is not None and tuple(q.shape) == (t.matrix[1], t.rank)
+            for q, t in zip(qs, compressed, strict=True)
         )
         if state.warm_start and compressed and fits:
             state.q_memory_dict[index] = torch.cat([q.reshape(-1) for q in qs]).to(device, dtype)
             # P is recomputed from Q before it is read; the hook only needs it to exist to reuse Q
-            p_size = sum(s.matrix[0] * s.rank for s in compressed)
+            p_size = sum(t.matrix[0] * t.rank for t in compressed)
             state.p_memory_dict[index] = torch.empty(p_size, device=device, dtype=dtype)
-        for s in found:
-            del self.pool[s.name]
+        for _, t in found:
+            del self.pool[t.name]
 
     # checkpoints
     def state_dict(self) -> dict:
@@ -284,10 +269,10 @@ def comm_hook(
     powersgd_warm_start: bool = True,
     powersgd_min_compression_rate: float = 2,
     powersgd_exclude: Iterable[str] = (),
-    names: dict[int, str] | None = None,
+    named_parameters=None,
 ):
-    """``(state, hook)`` for ``DistributedDataParallel.register_comm_hook``; ``names`` (id(parameter) ->
-    name) is needed by PowerSGD only."""
+    """``(state, hook)`` for ``DistributedDataParallel.register_comm_hook``; PowerSGD needs
+    ``named_parameters`` of the DDP model (the names its exclusions and saved state go by)."""
     if mode == "none":  # what DDP does by default, registered so it is counted like the others
         return process_group, default_hooks.allreduce_hook
     if mode == "fp16":
@@ -300,8 +285,8 @@ def comm_hook(
             raise ValueError("compression.start_iter must be >= 2")
         if powersgd_min_compression_rate < 1:
             raise ValueError("compression.min_compression_rate must be >= 1")
-        if not names:
-            raise ValueError("PowerSGD needs names: {id(parameter): name} of the DDP model's parameters")
+        if named_parameters is None:
+            raise ValueError("PowerSGD needs the DDP model's named_parameters")
         state = powersgd.PowerSGDState(
             process_group=process_group,
             matrix_approximation_rank=powersgd_rank,
@@ -310,7 +295,7 @@ def comm_hook(
             use_error_feedback=error_feedback,
             warm_start=powersgd_warm_start,
         )
-        hook = NamedPowerSGD(state, names, powersgd_exclude)
+        hook = NamedPowerSGD(state, named_parameters, powersgd_exclude)
         if powersgd_fp16:
             wrapped = default_hooks.fp16_compress_wrapper(hook)
             wrapped.powersgd = hook
@@ -398,8 +383,7 @@ class CompressedDDPStrategy(DDPStrategy):
 
     def _register_ddp_hooks(self) -> None:
         named = [(n.removeprefix("module."), p) for n, p in self.model.named_parameters()]
-        names = {id(p): n for n, p in named}
-        state, hook = comm_hook(self.compression, process_group=None, names=names, **self._hook_options)
+        state, hook = comm_hook(self.compression, None, named_parameters=named, **self._hook_options)
         self.model.register_comm_hook(state, hook)
         _count_all_reduce_bytes()
         # what plain DDP would send: every trained parameter's gradient in fp32
@@ -417,14 +401,11 @@ class CompressedDDPStrategy(DDPStrategy):
             )
             if self.compression == "powersgd":
                 o = self._hook_options
-                plan = powersgd_plan(
-                    named, o["powersgd_rank"], o["powersgd_min_compression_rate"], o["powersgd_exclude"]
-                )
                 log.info(
                     "PowerSGD rank %d from step %d: %s",
                     o["powersgd_rank"],
                     o["powersgd_start_iter"],
-                    describe_plan(plan, element_size=2 if o["powersgd_fp16"] else 4),
+                    describe_plan(list(self.powersgd.plans.values()), 2 if o["powersgd_fp16"] else 4),
                 )
 
     def pre_backward(self, closure_loss: torch.Tensor) -> None:
