@@ -31,9 +31,10 @@ from autoglm_train.compress import PRUNE_BACKENDS, QUANT_MODES
 from autoglm_train.compress.prune import IMPORTANCES, KINDS, SCOPES
 from autoglm_train.data.shapes import GROUP_ATTRIBUTES
 from autoglm_train.distributed.compression import MODES as COMPRESSION_MODES
+from autoglm_train.distributed.fsdp import CHECKPOINT_FORMATS, MIXED_PRECISION, is_checkpoint
 from autoglm_train.losses.schedules import SCHEDULES
 from autoglm_train.losses.triplet import MINING_MODES
-from autoglm_train.model.dual_encoder import PROJECTIONS
+from autoglm_train.model.dual_encoder import COMPILE_MODES, PROJECTIONS
 from autoglm_train.model.hf_text import POOLS as HF_POOLS
 from autoglm_train.model.momentum import MOMENTUM_SCHEDULES
 
@@ -205,6 +206,16 @@ def text(key, *, null=False, when=always) -> Rule:
 
 def existing_file(key, *, null=False, when=always) -> Rule:
     test, allowed = _nullable(lambda v: isinstance(v, str) and Path(v).is_file(), "an existing file", null)
+    return Rule(key, allowed, test, when)
+
+
+def existing_checkpoint(key, *, null=False, when=always) -> Rule:
+    """A checkpoint file, or a sharded checkpoint's folder (torch DCP, written under FSDP)."""
+    test, allowed = _nullable(
+        lambda v: isinstance(v, str) and is_checkpoint(v),
+        "an existing checkpoint file or sharded folder",
+        null,
+    )
     return Rule(key, allowed, test, when)
 
 
@@ -447,7 +458,13 @@ MODEL_RULES = [
     flag("model.lock_text"),
     integer("model.lock_text_unlocked_layers", 0),
     flag("model.grad_checkpointing"),
-    flag("model.compile"),
+    # true is towers (the key was a flag before step existed); step compiles the training step's forward and
+    # loss as one function (lit/compiled_step.py)
+    custom(
+        "model.compile",
+        "false, true (= towers), " + " or ".join(COMPILE_MODES),
+        lambda v: isinstance(v, bool) or v in COMPILE_MODES,
+    ),
     number("model.image_tower.patch_dropout", 0, 1, high_open=True),
     flag("model.image_tower.channels_last"),
     # the timm image tower (model=small, vit_b16; model/text_tower=hf keeps it)
@@ -506,6 +523,10 @@ TRAINER_RULES = [
     flag("trainer.enable_model_summary"),
     integer("trainer.skip_nonfinite_steps", 0, null=True),
     integer("trainer.grad_cache_chunks", 1, null=True),
+    one_of("checkpoint.format", CHECKPOINT_FORMATS),
+    one_of("trainer.strategy.mixed_precision", MIXED_PRECISION, when=lambda c: sharded(c)),
+    flag("trainer.strategy.reshard_after_forward", when=lambda c: sharded(c)),
+    flag("trainer.strategy.cpu_offload", when=lambda c: sharded(c)),
     one_of("compression.mode", COMPRESSION_MODES),
     integer("compression.rank", 1, when=powersgd),
     # PowerSGD's warm start and error feedback need two uncompressed iterations first
@@ -535,13 +556,13 @@ TRAIN_RULES = [
 ]
 
 EVALUATE_RULES = [
-    existing_file("ckpt", null=True),
+    existing_checkpoint("ckpt", null=True),
     # evaluation trains nothing: no training shards, no checkpoint to resume
     *[rule for rule in TRAIN_RULES if rule.key not in ("ckpt_path", "data.train_shards")],
 ]
 
 COMPRESS_RULES = [
-    existing_file("ckpt"),
+    existing_checkpoint("ckpt"),
     integer("seed", 0, MAX_SEED),
     integer("threads", 0, null=True),
     flag("progress_bar"),
@@ -735,10 +756,58 @@ def trainer_combinations(cfg: DictConfig) -> list[str]:
             f"{show(accumulate)} (gradient caching already gives the whole batch's gradient; raise "
             "data.batch_size)"
         )
+    if is_integer(chunks) and chunks > 1 and value_of(cfg, "model.compile") == "step":
+        problems.append(
+            f"model.compile=step: does not combine with trainer.grad_cache_chunks={chunks} (the compiled "
+            "step is the forward and loss of the whole batch, which gradient caching replaces by its own "
+            "chunked passes); use model.compile=towers, or trainer.grad_cache_chunks=1"
+        )
     mode = value_of(cfg, "compression.mode", "none")
     if mode != "none" and value_of(cfg, "trainer") is not None and value_of(cfg, "trainer.strategy") is None:
         problems.append(
             f"compression.mode={mode}: compresses DDP gradients; use trainer=ddp or trainer=ddp_cpu"
+        )
+    return problems
+
+
+def sharded(cfg: DictConfig) -> bool:
+    """Whether the trainer shards the model (trainer=fsdp, fsdp_cpu)."""
+    return str(value_of(cfg, "trainer.strategy._target_", "")).endswith("fsdp.FSDP2Strategy")
+
+
+def sharding(cfg: DictConfig) -> list[str]:
+    """What FSDP does not combine with, said at start-up rather than found mid-run."""
+    fmt = value_of(cfg, "checkpoint.format", "auto")
+    if not sharded(cfg):
+        if fmt == "sharded":
+            return [
+                "checkpoint.format=sharded: only a sharded trainer writes shards; use trainer=fsdp or "
+                "trainer=fsdp_cpu, or checkpoint.format=auto"
+            ]
+        return []
+    problems = []
+    mode = value_of(cfg, "compression.mode", "none")
+    if mode != "none":
+        problems.append(
+            f"compression.mode={mode}: DDP communication hooks do not apply to FSDP, which reduce-scatters "
+            "gradients itself (trainer.strategy.mixed_precision=bf16 halves what it gathers); use "
+            "compression=none, or trainer=ddp"
+        )
+    chunks = value_of(cfg, "trainer.grad_cache_chunks")
+    if is_integer(chunks) and chunks > 1:
+        problems.append(
+            f"trainer.grad_cache_chunks={chunks}: gradient caching is not combined with FSDP yet (each "
+            "chunk's backward would reduce-scatter); use trainer=ddp, or trainer.grad_cache_chunks=1"
+        )
+    if value_of(cfg, "model.compile") not in (False, None, ABSENT):
+        problems.append(
+            f"model.compile={show(value_of(cfg, 'model.compile'))}: compiling is not combined with FSDP yet; "
+            "use model.compile=false, or trainer=ddp"
+        )
+    if value_of(cfg, "model.cache_locked_features"):
+        problems.append(
+            "model.cache_locked_features=true: the feature cache is built under DDP only; use trainer=ddp, "
+            "or keep the locked tower sharded (model.cache_locked_features=false)"
         )
     return problems
 
@@ -782,6 +851,7 @@ TRAIN_CHECKS = [
     projection_heads,
     feature_cache,
     trainer_combinations,
+    sharding,
     zeroshot_inputs,
     shard_sources,
 ]

@@ -15,6 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 from autoglm_train.compress.load import load_trained, run_dir_of
+from autoglm_train.distributed.fsdp import is_checkpoint
 from autoglm_train.model.open_clip import export_open_clip_state_dict, open_clip_load_call, open_clip_spec
 from autoglm_train.model.weights import load_checkpoint
 
@@ -37,7 +38,7 @@ def parse_args(argv: list[str]) -> dict[str, str]:
 
 def check_trained_with_open_clip(ckpt: Path) -> None:
     """Refuse, before loading any weights, a checkpoint whose run did not use ``model=open_clip``."""
-    if not ckpt.is_file():
+    if not is_checkpoint(ckpt):
         raise FileNotFoundError(f"checkpoint not found: {ckpt}")
     cfg = OmegaConf.load(run_dir_of(ckpt) / ".hydra" / "config.yaml")
     target = OmegaConf.select(cfg, "model._target_")

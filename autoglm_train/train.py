@@ -28,6 +28,7 @@ from autoglm_train.build import (
     without_weights,
 )
 from autoglm_train.config_check import check_train_config
+from autoglm_train.distributed.fsdp import is_checkpoint
 from autoglm_train.eval.run_metrics import final_metrics
 from autoglm_train.eval.zeroshot import zeroshot_metrics
 from autoglm_train.lit.callbacks import CommStats, TrainTimer
@@ -67,7 +68,7 @@ def find_resume_checkpoint(output_dir: Path) -> Path | None:
     preemption checkpoint (``hpc_ckpt_N.ckpt``, written on Slurm's warning signal) or the periodic
     ``checkpoints/last.ckpt`` (all there is after a hard kill)."""
     candidates = [*output_dir.glob("hpc_ckpt_*.ckpt"), output_dir / "checkpoints" / "last.ckpt"]
-    found = [p for p in candidates if p.is_file()]
+    found = [p for p in candidates if is_checkpoint(p)]  # a file, or a sharded checkpoint's folder
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
@@ -109,12 +110,18 @@ def print_results(metrics: dict[str, float], output_dir: Path) -> None:
     console.print(table)
 
 
+def not_an_advertisement(record: logging.LogRecord) -> bool:
+    return "litlogger" not in record.getMessage()
+
+
 def quiet_library_noise() -> None:
     # Lightning adds its own console handler; under Hydra the root logger already prints (and files) them
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
+    # Lightning's advertisement for its hosted logger, printed at every start: not about this run
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(not_an_advertisement)
 
 
 def start_run(cfg: DictConfig) -> Path:

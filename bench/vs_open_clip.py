@@ -15,10 +15,23 @@ Two figures, rounds interleaved (ours, open_clip, ours, ...), median samples/s o
   ``image_transform``), with the same loader workers and our tokenizer (the text towers share a
   vocabulary). Loading is inside the timed steps.
 
+``--compile`` compiles both sides (compilation happens in the warm-up steps, which are not timed):
+- ``none`` (default): both eager;
+- ``towers``: ours ``model.compile=towers`` (``torch.compile`` of each tower's forward);
+- ``step``: ours ``model.compile=step`` (the forward and the loss as one compiled function, backward through
+  AOTAutograd's compiled backward: ``autoglm_train/lit/compiled_step.py``).
+With ``towers`` or ``step``, open_clip runs as ``open_clip_train.main --torchcompile`` does,
+``torch.compile(model)`` (its forward; the loss, backward and optimizer stay eager: the open_clip_train
+installed has no other compile option). Each side starts every round with dynamo's caches emptied
+(``torch._dynamo.reset()``), so a round never runs on another round's compiled code nor falls back to eager
+past dynamo's recompile limit. Run once per mode; each run's JSON names its mode (``compile``, ``figure``).
+
 Last line: one JSON object; ``ratio`` = ours / open_clip with their own pipelines.
 
     python bench/vs_open_clip.py [--batch-size 128] [--steps 15] [--warmup 3] [--rounds 3]
-        [--precision bf16-mixed|32-true] [--threads N] [--no-write]
+        [--precision bf16-mixed|32-true] [--threads N] [--compile none|towers|step] [--no-write]
+    # compiled: more warm-up steps (the first compiles; a new text length may compile once more)
+    python bench/vs_open_clip.py --compile step --warmup 5
     # on a GPU: ViT-B/16 at 224 px, bf16, batch 256, with model FLOPs utilisation
     python bench/vs_open_clip.py --device cuda --image-model vit_base_patch16_224 --image-size 224 \\
         --batch-size 256 --precision bf16-mixed --peak-tflops 989
@@ -27,6 +40,7 @@ Last line: one JSON object; ``ratio`` = ours / open_clip with their own pipeline
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import statistics
@@ -52,6 +66,8 @@ from loss_comparison import RESULTS, ROOT, replace_section  # noqa: E402
 from step_overhead import synced_clock, timed_trainer  # noqa: E402
 
 OPEN_CLIP_PRECISION = {"32-true": "fp32", "bf16-mixed": "amp_bf16"}
+# --compile: ours as model.compile=...; open_clip compiled (as its --torchcompile) unless none
+COMPILE = {"none": "false", "towers": "towers", "step": "step"}
 
 
 def default_job_config(args):
@@ -60,6 +76,7 @@ def default_job_config(args):
         f"trainer.precision={args.precision}",
         f"model.image_tower.name={args.image_model}",
         f"data.image_size={args.image_size}",
+        f"model.compile={COMPILE[args.compile]}",
         "logger=none",
         *args.override,
     ]
@@ -167,9 +184,18 @@ class Timed:
         self.end = synced_clock()
 
 
+def fresh_compile_caches(args) -> None:
+    """A compiled run starts without any earlier round's compiled code (nor its recompile count)."""
+    if args.compile != "none":
+        torch._dynamo.reset()
+
+
 def run_open_clip(cfg, args, vocab_size, batches, device) -> float:
     torch.manual_seed(0)
     model = open_clip_model(cfg, vocab_size, args.image_size).to(device)
+    fresh_compile_caches(args)
+    if args.compile != "none":  # open_clip_train.main --torchcompile: torch.compile(model), state unchanged
+        model = torch.compile(model)
     timed = Timed(batches, args.warmup, args.steps, args.batch_size)
     oc_args = SimpleNamespace(
         device=device,
@@ -209,6 +235,7 @@ class Batches(torch.utils.data.IterableDataset):
 def run_ours(cfg, args, tokenizer, datamodule, batches, device) -> float:
     torch.manual_seed(0)
     model = build_model(cfg.model, tokenizer)
+    fresh_compile_caches(args)
     optimizer_cfg, _, _ = split_optimizer_config(cfg.optimizer)
     module = DualEncoderModule(model, instantiate(cfg.loss.objective), optimizer=instantiate(optimizer_cfg))
     accelerator = "gpu" if device.startswith("cuda") else "cpu"
@@ -225,8 +252,10 @@ def flops_per_sample(cfg, args, tokenizer, vocab_size, batch, device) -> dict[st
     """Forward + backward FLOPs per sample of each model (torch's FlopCounterMode), for MFU."""
     out = {}
     images, texts = batch["image"][:4].to(device), batch["text"][:4].to(device)
+    eager = copy.deepcopy(cfg.model)
+    eager.compile = False  # counted eager: the FLOPs are the same, FlopCounterMode sees them all
     models = {
-        "ours": build_model(cfg.model, tokenizer),
+        "ours": build_model(eager, tokenizer),
         "open_clip": open_clip_model(cfg, vocab_size, args.image_size),
     }
     for name, model in models.items():
@@ -253,6 +282,12 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=None, help="loader workers (default: the job's)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for MFU")
+    parser.add_argument(
+        "--compile",
+        default="none",
+        choices=sorted(COMPILE),
+        help="ours: model.compile=towers|step; open_clip: torch.compile(model) unless none",
+    )
     parser.add_argument(
         "--profile", default=None, help="write torch.profiler tables of both on the same batches to this file"
     )
@@ -314,6 +349,9 @@ def main() -> None:
         profile_both(args, runs[:2], Path(args.profile))
     result = {
         "bench": "vs_open_clip",
+        "figure": "vs_open_clip" if args.compile == "none" else f"vs_open_clip_compile_{args.compile}",
+        "compile": args.compile,
+        "open_clip_compile": None if args.compile == "none" else "torch.compile(model)",
         "device": args.device,
         "image_model": args.image_model,
         "image_size": args.image_size,
@@ -347,7 +385,7 @@ def main() -> None:
     if not args.no_write:
         write_results(args, rates, result)
     print(
-        f"median samples/s: same batches ours {median['same/ours']:.1f} vs open_clip "
+        f"compile {args.compile}: median samples/s: same batches ours {median['same/ours']:.1f} vs open_clip "
         f"{median['same/open_clip']:.1f}; own pipelines ours {median['own/ours']:.1f} vs open_clip "
         f"{median['own/open_clip']:.1f}; ratio {result['ratio']:.3f} (target >= 1.0)"
     )
@@ -369,18 +407,29 @@ def profile_both(args, runs, out: Path) -> None:
 
 
 def write_results(args, rates: dict[str, list[float]], result: dict) -> None:
+    compiled = args.compile != "none"
     rows = "\n".join(
         f"| {r + 1} | " + " | ".join(f"{rates[k][r]:.1f}" for k in rates) + " |" for r in range(args.rounds)
     )
+    title = f"compiled ({args.compile})" if compiled else "same towers"
     body = (
-        "## Ours vs open_clip, same towers\n\n"
+        f"## Ours vs open_clip, {title}\n\n"
         f"`python bench/vs_open_clip.py --batch-size {args.batch_size} --steps {args.steps} --rounds "
-        f"{args.rounds} --precision {args.precision}`: timm {args.image_model} at {args.image_size} px and a "
+        f"{args.rounds} --precision {args.precision}"
+        + (f" --compile {args.compile} --warmup {args.warmup}" if compiled else "")
+        + f"`: timm {args.image_model} at {args.image_size} px and a "
         f"{result['loader_workers']}-worker loader, {result['threads']} threads, on {args.device}. open_clip "
         "runs `open_clip_train.train.train_one_epoch` on an `open_clip.CLIP` with the same towers; ours runs "
         "the default job's module and Trainer. `same batches`: both fed the same in-memory batches; `own "
         "pipelines`: each reads the shapes shards through its own pipeline, loading inside the timed "
-        "steps.\n\n"
+        "steps."
+        + (
+            f" Ours with `model.compile={args.compile}`, open_clip `torch.compile(model)` (its "
+            "`--torchcompile`); compilation in the untimed warm-up."
+            if compiled
+            else ""
+        )
+        + "\n\n"
         "| round | same batches: ours | same batches: open_clip | own pipelines: ours | own pipelines: "
         "open_clip |\n|---|---|---|---|---|\n"
         f"{rows}\n\n"
@@ -389,7 +438,8 @@ def write_results(args, rates: dict[str, list[float]], result: dict) -> None:
         f"{result['own_pipelines']['ours']} vs {result['own_pipelines']['open_clip']} (**ratio "
         f"{result['ratio']}**).\n"
     )
-    RESULTS.write_text(replace_section(RESULTS.read_text(), "vs-open-clip", body))
+    section = f"vs-open-clip-compile-{args.compile}" if compiled else "vs-open-clip"
+    RESULTS.write_text(replace_section(RESULTS.read_text(), section, body))
 
 
 if __name__ == "__main__":

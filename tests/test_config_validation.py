@@ -48,6 +48,13 @@ BAD_TRAINING = [
     ),
     (["trainer=ddp_cpu", "compression=powersgd", "compression.exclude=*proj*"], "compression.exclude"),
     (["eval.zeroshot.task=folder"], "eval.zeroshot.root"),
+    # FSDP refuses at start-up what it does not combine with
+    (["trainer=fsdp_cpu", "compression=powersgd"], "compression.mode"),
+    (["trainer=fsdp_cpu", "trainer.grad_cache_chunks=2"], "trainer.grad_cache_chunks"),
+    (["trainer=fsdp_cpu", "model.compile=true"], "model.compile"),
+    (["trainer=fsdp_cpu", "trainer.strategy.mixed_precision=fp8"], "trainer.strategy.mixed_precision"),
+    (["checkpoint.format=sharded"], "checkpoint.format"),  # only FSDP writes shards
+    (["checkpoint.format=zip"], "checkpoint.format"),
     (["momentum.m=1.5"], "momentum.m"),
     (["data.prepare.train_group_fraction=1.5"], "data.prepare.train_group_fraction"),
     (["data.prepare.train_group_attributes=[shape,texture]"], "data.prepare.train_group_attributes"),
@@ -170,7 +177,8 @@ def test_a_refused_config_survives_pickling_whole():
 GOOD_TRAINING = (
     [[f"experiment={name}"] for name in EXPERIMENTS]
     + [[f"loss={name}"] for name in ("infonce", "triplet", "infonce_triplet", "siglip")]
-    + [[f"trainer={name}"] for name in ("cpu", "gpu", "ddp", "ddp_cpu")]
+    + [[f"trainer={name}"] for name in ("cpu", "gpu", "ddp", "ddp_cpu", "fsdp", "fsdp_cpu")]
+    + [["trainer=fsdp_cpu", "checkpoint.format=full", "trainer.strategy.mixed_precision=bf16"]]
     + [["trainer=ddp_cpu", f"compression={mode}"] for mode in ("fp16", "bf16", "powersgd")]
     + [
         ["model=open_clip"],

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from autoglm_train.build import build_model, without_weights
 from autoglm_train.data.tokenizer import CaptionTokenizer, tokenizer_from_json
+from autoglm_train.distributed.fsdp import is_checkpoint
 from autoglm_train.model.dual_encoder import DualEncoder
 from autoglm_train.model.weights import load_checkpoint
 
@@ -64,7 +65,7 @@ def run_dir_of(ckpt: Path) -> Path:
 
 def load_trained(ckpt: str | Path) -> Trained:
     ckpt = Path(ckpt)
-    if not ckpt.is_file():
+    if not is_checkpoint(ckpt):
         raise FileNotFoundError(f"checkpoint not found: {ckpt}")
     run_dir = run_dir_of(ckpt)
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch.distributed as dist
 
+from autoglm_train.distributed.fsdp import local_tensor
 from autoglm_train.distributed.gather import any_rank, gather_objects
 
 log = logging.getLogger(__name__)
@@ -29,15 +31,22 @@ def first_nonfinite_term(losses: dict[str, torch.Tensor]) -> str | None:
 
 
 def grad_norm(parameters: list[torch.nn.Parameter], device: torch.device) -> torch.Tensor:
+    """The global gradient norm. Sharded gradients (FSDP's DTensors): each rank's shards, then one
+    all-reduce of the squares, so every rank gets the whole model's norm."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros((), device=device)
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    if not any(hasattr(g, "to_local") for g in grads):
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    squares = torch.stack(torch._foreach_norm([local_tensor(g) for g in grads])).pow(2).sum()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(squares)
+    return squares.sqrt()
 
 
 def first_nonfinite_grad(named: list[tuple[str, torch.nn.Parameter]]) -> str:
     for name, p in named:
-        if p.grad is not None and not torch.isfinite(p.grad).all():
+        if p.grad is not None and not torch.isfinite(local_tensor(p.grad)).all():
             return name
     return "?"
 

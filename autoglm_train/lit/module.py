@@ -10,8 +10,10 @@ import lightning as L
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from autoglm_train.distributed.fsdp import is_sharded
 from autoglm_train.distributed.gather import gather_variable, gather_with_grad
 from autoglm_train.eval.retrieval import group_recall, retrieval_metrics
+from autoglm_train.lit.compiled_step import GRAD_CACHE_REFUSED, CompiledStep, compiles_step, loss_step
 from autoglm_train.lit.grad_cache import grad_cache_step
 
 
@@ -67,15 +69,20 @@ class DualEncoderModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         keys = self.momentum.encode(batch["image"], batch["text"]) if self.momentum is not None else None
         if self.automatic_optimization:
-            image, text, logit_scale = self.model(batch["image"], batch["text"])
-            out = self.objective(
-                image, text, logit_scale, batch.get("id"), step=self.global_step, momentum=keys
-            )
-            # a loss without temperature (triplet) leaves the logit scale out of the graph, which DDP
-            # (find_unused_parameters=False) refuses; a zero term keeps it in at no cost
-            out["loss"] = out["loss"] + 0.0 * logit_scale
+            # forward + objective (+ the zero logit-scale term DDP needs): lit/compiled_step.py's loss_step,
+            # eager, or as one torch.compile'd function with model.compile=step (made at the first step,
+            # left out of pickles); Lightning's backward then runs AOTAutograd's compiled backward
+            run = loss_step
+            if compiles_step(self.model):
+                if getattr(self, "compiled_step", None) is None:
+                    self.compiled_step = CompiledStep()
+                run = self.compiled_step
+            inputs = (batch["image"], batch["text"], batch.get("id"), self.global_step, keys)
+            out, logit_scale = run(self.model, self.objective, *inputs)
             self.step_losses = {k: v.detach() for k, v in out.items() if k.startswith("loss")}
         else:
+            if compiles_step(self.model):  # config_check refuses this first; a module built by hand too
+                raise ValueError(GRAD_CACHE_REFUSED)
             out, logit_scale = self._grad_cache_step(batch, keys)
         n = batch["image"].shape[0]
         # a progress-bar value is read to the host every step (a GPU sync): only when a bar shows it
@@ -128,6 +135,13 @@ class DualEncoderModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         # once per optimizer step, not per micro-batch: Lightning calls this only when it steps
         self._update_momentum()
+
+    def configure_model(self) -> None:
+        # a sharding strategy (distributed/fsdp.py) shards here: the process group and mesh exist by now.
+        # Lightning calls this hook at every fit/validate, so a sharded model is left as it is.
+        shard = getattr(self.trainer.strategy, "shard", None) if self._trainer is not None else None
+        if shard is not None and not is_sharded(self.model):
+            shard(self)
 
     def configure_optimizers(self):
         hp = self.hparams

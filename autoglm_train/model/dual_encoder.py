@@ -9,6 +9,21 @@ import torch.nn.functional as F
 from torch import nn
 
 PROJECTIONS = ("linear", "lowrank", "mlp", "none")
+# model.compile: false, true (= towers, what the flag meant before step existed), towers, step
+COMPILE_MODES = ("towers", "step")
+
+
+def compile_mode(value: bool | str | None) -> str | None:
+    """``model.compile`` -> None (eager), ``"towers"`` (``torch.compile`` per tower) or ``"step"`` (the
+    training step's forward and loss as one compiled function: lit/compiled_step.py); ``true`` is
+    ``"towers"``."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "towers"
+    if value in COMPILE_MODES:
+        return value
+    raise ValueError(f"model.compile must be false, true (= towers), towers or step, got {value!r}")
 
 
 class LowRankLinear(nn.Module):
@@ -83,10 +98,12 @@ class DualEncoder(nn.Module):
     groups (``lock_image_freeze_bn`` also fixes the frozen part's batch-norm statistics); ``lock_text``
     likewise with ``lock_text_unlocked_layers``. Frozen parameters have ``requires_grad=False``, so they
     stay out of the optimizer and out of DDP's reducer; a wholly locked tower runs in eval mode without
-    autograd. ``grad_checkpointing`` recomputes tower activations in backward; ``compile`` wraps each
-    tower's forward in ``torch.compile`` (state dict keys unchanged). ``cache_locked_features`` (a wholly
-    locked image tower) marks the run for lit/feature_cache.py; ``encode_image`` then also takes the
-    tower's features (2-D) in place of images (4-D).
+    autograd. ``grad_checkpointing`` recomputes tower activations in backward. ``compile``: ``true`` or
+    ``"towers"`` wraps each tower's forward in ``torch.compile``; ``"step"`` leaves the model eager and marks
+    it (``compile_mode``) for the LightningModule, which compiles the whole forward + loss of its training
+    step (lit/compiled_step.py); either way the state dict keys are unchanged (no ``_orig_mod.``).
+    ``cache_locked_features`` (a wholly locked image tower) marks the run for lit/feature_cache.py;
+    ``encode_image`` then also takes the tower's features (2-D) in place of images (4-D).
     """
 
     def __init__(
@@ -105,7 +122,7 @@ class DualEncoder(nn.Module):
         lock_text: bool = False,
         lock_text_unlocked_layers: int = 0,
         grad_checkpointing: bool = False,
-        compile: bool = False,
+        compile: bool | str = False,
         cache_locked_features: bool = False,
     ):
         super().__init__()
@@ -139,17 +156,26 @@ class DualEncoder(nn.Module):
         if grad_checkpointing:
             self.image_tower.set_grad_checkpointing(True)
             self.text_tower.set_grad_checkpointing(True)
-        if compile:
+        self.compile_mode = compile_mode(compile)
+        if self.compile_mode == "towers":  # nn.Module.compile: the module keeps its own state dict keys
             self.image_tower.compile()
             self.text_tower.compile()
 
+    # encode_image/encode_text are entry points of their own (FSDP registers them to gather the heads), so
+    # forward calls the private twins: a registered method called inside forward would reshard too early
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self._encode_image(images)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._encode_text(tokens)
+
+    def _encode_image(self, images: torch.Tensor) -> torch.Tensor:
         # a 2-D batch is the tower's features already (a locked tower's, from lit/feature_cache.py): images
         # are 4-D, so the two cannot be confused
         features = images if images.dim() == 2 else self.image_tower(images)
         return F.normalize(self.image_proj(features), dim=-1)
 
-    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_proj(self.text_tower(tokens)), dim=-1)
 
     @property
@@ -161,7 +187,7 @@ class DualEncoder(nn.Module):
         return self.log_logit_scale[0].clamp(max=self.max_log_scale).exp()
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
-        return self.encode_image(images), self.encode_text(tokens), self.logit_scale()
+        return self._encode_image(images), self._encode_text(tokens), self.logit_scale()
 
     def lr_scales(self, image_layer_decay: float = 1.0, text_layer_decay: float = 1.0) -> dict[str, float]:
         """Layer-wise learning-rate decay (BEiT/ELECTRA): a tower parameter at depth l of L trains at

@@ -40,9 +40,28 @@ class MomentumEncoder(ModelEmaV3):
         self.module.requires_grad_(False)
         self.schedule, self.total_steps = schedule, total_steps
 
+    @torch.no_grad()
+    def apply_update_(self, model: nn.Module, decay: float) -> None:
+        # per shard: sharded (FSDP) weights are DTensors laid out alike in both models, and each rank
+        # averages its own shards; buffers (batch-norm statistics) are plain tensors on every rank
+        ema, online = [], []
+        pairs = zip(self.module.state_dict().values(), model.state_dict().values(), strict=True)
+        for ema_v, model_v in pairs:
+            ema_v, model_v = _local(ema_v), _local(model_v)
+            if ema_v.is_floating_point():
+                ema.append(ema_v)
+                online.append(model_v)
+            else:
+                ema_v.copy_(model_v)
+        self._foreach_lerp_(ema, online, weight=1.0 - decay)
+
     def get_decay(self, step: int | None = None) -> float:
         return self.decay if step is None else momentum_at(step, self.decay, self.schedule, self.total_steps)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.module.encode_image(images), self.module.encode_text(tokens)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t  # a DTensor's shard on this rank

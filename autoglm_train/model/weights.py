@@ -21,6 +21,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+SHARDED_META_FILE = "meta.pt"  # beside a DCP folder's shards: the trainer's state other than weights
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -129,6 +130,8 @@ def load_checkpoint(path: str | Path, mmap: bool = False):
     dicts, ``OrderedDict``, ``Counter``, sets): Lightning's state, hyper-parameters that are numbers, the
     tokenizer as JSON text, ``random`` states as tuples. So nothing is added to it. ``mmap``: tensors are
     read only when used (the tokenizer of a large checkpoint without its weights)."""
+    if Path(path).is_dir():
+        return load_sharded_checkpoint(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
@@ -138,6 +141,26 @@ def load_checkpoint(path: str | Path, mmap: bool = False):
             "need this: load the file only if you trust where it came from, and convert it to plain "
             "tensors (or .safetensors) there."
         ) from exc
+
+
+def load_sharded_checkpoint(path: str | Path) -> dict:
+    """A sharded checkpoint (a torch DCP folder written by every rank under FSDP) as one checkpoint dict in
+    memory, the weights whole: what ``python -m lightning.pytorch.utilities.consolidate_checkpoint PATH``
+    writes to a file. The rest of the trainer's state (``meta.pt``, from rank 0) is read weights-only."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    path = Path(path)
+    if not (path / ".metadata").is_file():
+        raise FileNotFoundError(f"{path} is a folder but not a sharded checkpoint (no .metadata file)")
+    checkpoint: dict = {}
+    # the empty planner fills the dict with every tensor the folder holds, whole (no process group needed)
+    # (torch's own dcp_to_torch_save does this, into a file)
+    _load_state_dict(checkpoint, FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    if (path / SHARDED_META_FILE).is_file():
+        checkpoint.update(load_checkpoint(path / SHARDED_META_FILE))
+    return checkpoint
 
 
 def unsafe_globals(path: str | Path, exc: Exception) -> list[str]:
@@ -156,7 +179,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors``, ``.pth``/``.pt``/``.bin`` file, or of one of our Lightning
     checkpoints (``.ckpt``). Wrappers (``state_dict``, ``model``, ``module``) are unwrapped."""
     path = Path(path)
-    if not path.is_file():
+    if not (path.is_file() or (path / ".metadata").is_file()):
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.suffix not in WEIGHT_SUFFIXES:
         raise ValueError(f"{path}: expected one of {', '.join(WEIGHT_SUFFIXES)}")
