@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 B, STEPS, WORLD = 8, 3, 2  # per-rank batch; the single process takes 2B
 
 
-def global_batches():
+def global_batches(steps: int = STEPS):
     g = torch.Generator().manual_seed(7)
     return [
         {
@@ -37,7 +37,7 @@ def global_batches():
             # pairs of rows share an id (two captions of one image): masking must hold across ranks
             "id": torch.arange(WORLD * B) // 2 + 100 * s,
         }
-        for s in range(STEPS)
+        for s in range(steps)
     ]
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import TINY, free_port
+from test_ddp import WORLD, B, global_batches  # the same batches as the DDP equality test
 
 from autoglm_train.distributed.compression import CompressedDDPStrategy
 from autoglm_train.distributed.fsdp import FSDP2Strategy, block_units
@@ -25,19 +26,7 @@ from autoglm_train.model.momentum import MomentumEncoder
 from autoglm_train.model.towers import ImageTower, TextTower
 
 pytestmark = pytest.mark.slow
-B, STEPS, K, WORLD, QUEUE = 8, 4, 2, 2, 32  # per-rank batch; resume at step K
-
-
-def global_batches():
-    g = torch.Generator().manual_seed(7)
-    return [
-        {
-            "image": torch.randn(WORLD * B, 3, 32, 32, generator=g),
-            "text": torch.randint(1, 50, (WORLD * B, 8), generator=g),
-            "id": torch.arange(WORLD * B) // 2 + 100 * s,
-        }
-        for s in range(STEPS)
-    ]
+STEPS, K, QUEUE = 4, 2, 32  # resume at step K
 
 
 def make_module(lock_image: bool = False) -> DualEncoderModule:
@@ -94,7 +83,7 @@ def worker(rank: int, port: int, out_dir: str, job: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0")
     torch.set_num_threads(1)
     out = Path(out_dir)
-    shard = [{k: v[rank * B : (rank + 1) * B] for k, v in b.items()} for b in global_batches()]
+    shard = [{k: v[rank * B : (rank + 1) * B] for k, v in b.items()} for b in global_batches(STEPS)]
     result = {}
     if job == "equal":
         ddp = make_module()
