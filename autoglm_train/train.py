@@ -31,7 +31,7 @@ from autoglm_train.config_check import check_train_config
 from autoglm_train.distributed.fsdp import is_checkpoint
 from autoglm_train.eval.run_metrics import final_metrics
 from autoglm_train.eval.zeroshot import zeroshot_metrics
-from autoglm_train.lit.callbacks import CommStats, TrainTimer
+from autoglm_train.lit.callbacks import CommStats, ModelSummary, TrainTimer
 from autoglm_train.lit.divergence import DivergenceGuard
 from autoglm_train.lit.feature_cache import FeatureCacheCallback
 from autoglm_train.lit.grad_cache import batch_norm_notice
@@ -111,7 +111,9 @@ def print_results(metrics: dict[str, float], output_dir: Path) -> None:
 
 
 def not_an_advertisement(record: logging.LogRecord) -> bool:
-    return "litlogger" not in record.getMessage()
+    message = record.getMessage()
+    # its hosted logger's advertisement, and its note that our summary callback replaces its own
+    return "litlogger" not in message and "Skipping setting a default `ModelSummary`" not in message
 
 
 def quiet_library_noise() -> None:
@@ -120,7 +122,7 @@ def quiet_library_noise() -> None:
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
-    # Lightning's advertisement for its hosted logger, printed at every start: not about this run
+    # printed at every start and not about this run
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(not_an_advertisement)
 
 
@@ -196,6 +198,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if cfg.progress_bar:
         callbacks.append(RichProgressBar())
+    if trainer_cfg.get("enable_model_summary") is not False:
+        callbacks.append(ModelSummary())
     trainer: L.Trainer = instantiate(
         trainer_cfg,
         callbacks=callbacks,

@@ -18,8 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loss_comparison import RESULTS, ROOT, replace_section  # noqa: E402
 
-# the default model's heads: ResNet-18 (512) and the text tower (256) to embed_dim 256
-HEAD_SHAPES = ((512, 256), (256, 256))
+# the default model's heads: resnet18_narrow (256 features) and the text tower (128 wide) to embed_dim 256
+HEAD_SHAPES = ((256, 256), (128, 256))
 
 
 def head_params(rank: int | None) -> int:

@@ -39,10 +39,11 @@ def shard(shapes_dir) -> str:
 
 
 def random_resnet_file(tmp_path) -> Path:
-    """A locked tower's weights as a user's file (a random ResNet-18: a random tower is not locked)."""
-    weights = tmp_path / "resnet18.safetensors"
+    """A locked tower's weights as a user's file: random, of the default job's architecture (a random tower
+    is not locked)."""
+    weights = tmp_path / "resnet18_narrow.safetensors"
     torch.manual_seed(0)
-    save_file(timm.create_model("resnet18", num_classes=0).state_dict(), str(weights))
+    save_file(timm.create_model("resnet18_narrow", num_classes=0).state_dict(), str(weights))
     return weights
 
 

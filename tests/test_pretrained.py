@@ -82,11 +82,12 @@ def put_in_hub_cache(cache: Path, repo_id: str, files: dict[str, Path]) -> None:
         (snapshot / name).write_bytes(src.read_bytes())
 
 
-def resnet_file(tmp_path: Path, suffix: str = ".safetensors") -> tuple[Path, dict]:
-    """A resnet18 as timm saves it: with its 10-class classifier (the tower drops it)."""
+def resnet_file(tmp_path: Path, suffix: str = ".safetensors", name: str = "resnet18") -> tuple[Path, dict]:
+    """A ResNet as timm saves it: with its 10-class classifier (the tower drops it). The default job's
+    tower is ``resnet18_narrow``."""
     torch.manual_seed(1)
-    state = timm.create_model("resnet18", num_classes=10).state_dict()
-    path = tmp_path / f"resnet18{suffix}"
+    state = timm.create_model(name, num_classes=10).state_dict()
+    path = tmp_path / f"{name}{suffix}"
     if suffix == ".safetensors":
         save_file(state, str(path))
     else:
@@ -280,7 +281,7 @@ def test_locked_image_tower_from_a_checkpoint_is_bitwise_unchanged_and_the_rest_
     loaded value exactly, every trainable one has moved."""
     from autoglm_train import train
 
-    path, state = resnet_file(tmp_path)
+    path, state = resnet_file(tmp_path, name="resnet18_narrow")
     cfg = tiny_cfg(
         f"model.image_tower.checkpoint={path}",
         "model.lock_image=true",
@@ -292,7 +293,7 @@ def test_locked_image_tower_from_a_checkpoint_is_bitwise_unchanged_and_the_rest_
     train.run(cfg)
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     prefix = "model.image_tower.backbone."
-    last_group = ("layer4.1.",)  # timm's finest grouping of resnet18: stem, 8 blocks; the last one trains
+    last_group = ("layer4.1.",)  # timm's finest grouping of a ResNet-18: stem, 8 blocks; the last one trains
     for key in state:
         if key.startswith("fc.") or key.endswith("num_batches_tracked"):
             continue
@@ -349,7 +350,7 @@ def test_lock_puts_frozen_parameters_out_of_the_optimizer_and_keeps_the_locked_t
 @pytest.mark.slow
 def test_two_gloo_ranks_train_a_locked_tower_with_powersgd(shapes_dir, tmp_path):
     """And with gradient checkpointing and gradient caching on top: no unused-parameter errors."""
-    weights, _ = resnet_file(tmp_path)
+    weights, _ = resnet_file(tmp_path, name="resnet18_narrow")
     run_dir = tmp_path / "ddp"
     env = {**os.environ, "AUTOGLM_DATA_DIR": str(shapes_dir), "PYTHONUNBUFFERED": "1"}
     args = [sys.executable, "-m", "autoglm_train", *TINY, "trainer=ddp_cpu", "compression=powersgd"]

@@ -91,6 +91,11 @@ def test_command_line_run_writes_the_run_directory(shapes_dir, tmp_path):
     assert f"Run directory: {run_dir}" in done.stdout.replace("\n", "")
     assert "val/r1_mean" in done.stdout  # the results table
     assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "metrics.json").exists()
+    # a newcomer's log: the model summary's parameter counts, not Lightning's noise around them
+    log = done.stdout + done.stderr
+    assert "Trainable params" in log and "DualEncoder" in log
+    for noise in ("FLOPs", "litlogger", "Skipping setting a default `ModelSummary`"):
+        assert noise not in log, noise
 
 
 def test_wandb_logger_runs_offline_without_an_account(tiny_cfg, tmp_path, monkeypatch):

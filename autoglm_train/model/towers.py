@@ -19,6 +19,7 @@ from timm.utils.model import freeze
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from autoglm_train.model import timm_models  # noqa: F401  (registers our timm names)
 from autoglm_train.model.weights import check_timm_weights, load_into, read_state_dict, strip_prefix
 
 # where a tower's weights sit inside checkpoints of ours and of common wrappers
