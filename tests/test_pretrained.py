@@ -145,7 +145,11 @@ def test_missing_weights_offline_fail_before_any_data_is_made(tiny_cfg, tmp_path
     from autoglm_train import train
 
     fresh = tmp_path / "fresh_data"
-    cfg = tiny_cfg("model.image_tower.pretrained=true", f"data.prepare.out_dir={fresh}")
+    cfg = tiny_cfg(
+        "model.image_tower.name=resnet18",
+        "model.image_tower.pretrained=true",
+        f"data.prepare.out_dir={fresh}",
+    )
     with pytest.raises(MissingWeightsError) as error:
         train.run(cfg)
     message = str(error.value)

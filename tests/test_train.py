@@ -30,11 +30,12 @@ METRIC_KEYS = {
 
 
 def test_short_training_lifts_recall_far_above_chance(tiny_cfg, tmp_path):
-    cfg = tiny_cfg("trainer.max_steps=150", "trainer.val_check_interval=150", "optimizer.lr=2e-3")
+    # the default job's half-width towers at 32 px: 300 steps (0.67), about the time of ResNet-18's 150 (0.35)
+    cfg = tiny_cfg("trainer.max_steps=300", "trainer.val_check_interval=300")
     metrics = train.run(cfg)
     run = Path(cfg.paths.output_dir)
     # 200 held-out images, 2 captions each: chance R@1 is 1/200 both ways
-    assert metrics["val/r1_mean"] > 0.2, metrics  # about 0.45 measured; chance is 0.005
+    assert metrics["val/r1_mean"] > 0.2, metrics  # chance is 0.005
     assert metrics["val/i2t_r10"] > metrics["val/i2t_r1"]
     # shapes_align also classifies single-shape renders zero-shot (figures of the full run: docs/results.md)
     zeroshot = {"zeroshot/shape_top1", "zeroshot/colour_top1", "zeroshot/colour_top5"}
@@ -43,7 +44,7 @@ def test_short_training_lifts_recall_far_above_chance(tiny_cfg, tmp_path):
     assert METRIC_KEYS <= set(saved) and all(isinstance(v, (int, float)) for v in saved.values())
     # every held-out image is in a hard-negative group: within-group recall per attribute (data.hard_groups)
     assert {f"val/hard_r1_{k}" for k in ("shape", "colour", "position", "size")} <= set(saved)
-    assert saved["train/steps"] == 150 and saved["train/samples"] == 150 * 64
+    assert saved["train/steps"] == 300 and saved["train/samples"] == 300 * 64
     assert (run / "checkpoints" / "last.ckpt").exists() and (run / "checkpoints" / "best.ckpt").exists()
     assert (run / "tokenizer.json").exists()
 
@@ -81,6 +82,7 @@ def test_command_line_run_writes_the_run_directory(shapes_dir, tmp_path):
         "autoglm_train",
         *TINY,
         "trainer.max_steps=4",
+        "trainer.enable_model_summary=true",  # TINY turns it off
         "logger=none",
         f"hydra.run.dir={run_dir}",
     ]
