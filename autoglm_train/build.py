@@ -111,6 +111,16 @@ def build_model(model_cfg: DictConfig, tokenizer):
     return instantiate(model_cfg)
 
 
+def build_objective(loss_cfg: DictConfig, model, seed: int = 0):
+    """The configured loss terms, and the itm term (losses/itm.py) where the model has a fusion stage;
+    ``loss.weights.itm`` weighs it (null: 1)."""
+    objective_cfg = copy.deepcopy(loss_cfg.objective)
+    if getattr(model, "fusion", None) is not None:
+        with open_dict(objective_cfg):
+            objective_cfg.terms.itm = {"_target_": "autoglm_train.losses.itm.ITMLoss", "seed": seed}
+    return instantiate(objective_cfg)
+
+
 def split_optimizer_config(cfg: DictConfig) -> tuple[DictConfig, float, float]:
     """The optimizer's arguments, less ours: layer-wise learning-rate decay per tower."""
     opt = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))

@@ -29,9 +29,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from autoglm_train.build import model_family
 from autoglm_train.compress import PRUNE_BACKENDS, QUANT_MODES
 from autoglm_train.compress.prune import IMPORTANCES, KINDS, SCOPES
+from autoglm_train.data.caption_negatives import TEXT_NEGATIVES
 from autoglm_train.data.shapes import GROUP_ATTRIBUTES
 from autoglm_train.distributed.compression import MODES as COMPRESSION_MODES
 from autoglm_train.distributed.fsdp import CHECKPOINT_FORMATS, MIXED_PRECISION, is_checkpoint
+from autoglm_train.eval.rerank import RERANK_SCORES
 from autoglm_train.losses.schedules import SCHEDULES
 from autoglm_train.losses.triplet import MINING_MODES
 from autoglm_train.model.dual_encoder import COMPILE_MODES, PROJECTIONS
@@ -381,6 +383,8 @@ EVAL_RULES = [
         lambda v: isinstance(v, list) and bool(v) and all(is_prompt_template(t) for t in v),
     ),
     integer("eval.zeroshot.batch_size", 1),
+    integer("eval.rerank.k", 0),
+    one_of("eval.rerank.score", RERANK_SCORES),
 ]
 
 MOMENTUM_RULES = [
@@ -404,6 +408,10 @@ LOSS_RULES = [
     number("loss.distill_alpha", 0, 1),
     integer("loss.distill_ramp_steps", 0),
     number("loss.siglip_init_bias"),
+    one_of("loss.text_negatives", TEXT_NEGATIVES, null=True),
+    integer("loss.text_negatives_count", 1),
+    integer("model.fusion.layers", 0),
+    integer("model.fusion.heads", 1),
 ]
 
 SHARDS = "a shard pattern or a list of shard paths/URLs (null: data.prepare makes them)"
@@ -441,6 +449,13 @@ DATA_RULES = [
         lambda v: isinstance(v, list) and all(isinstance(k, str) and k for k in v),
         null=True,
     ),
+    custom(
+        "data.group_only",
+        "a list of hard-group kinds (among data.hard_groups) scored within their groups only",
+        lambda v: isinstance(v, list) and all(isinstance(k, str) and k for k in v),
+        null=True,
+    ),
+    integer("data.prepare.n_val_binding", 0),
 ]
 
 MODEL_RULES = [
@@ -662,6 +677,8 @@ def loss_terms_and_weights(cfg: DictConfig) -> list[str]:
             continue
         if not (is_number(weight) and weight >= 0):
             problems.append(f"loss.weights.{name}={show(weight)}: must be null or a number >= 0")
+        elif name == "itm":
+            continue  # the fusion stage's term, added with it (fusion_stage checks the pair)
         elif name not in terms:
             problems.append(
                 f"loss.weights.{name}={show(weight)}: names no configured loss term ({', '.join(terms)})"
@@ -671,6 +688,64 @@ def loss_terms_and_weights(cfg: DictConfig) -> list[str]:
         problems.append(
             f"loss.queue_size={queue}: no configured term uses a queue ({', '.join(terms)} score in-batch "
             "pairs only); add an infonce or triplet term, or set loss.queue_size=0"
+        )
+    return problems
+
+
+def text_negatives(cfg: DictConfig) -> list[str]:
+    """Caption negatives are extra columns of InfoNCE's image->text logits: they need that term, and
+    gradient caching's chunked passes do not carry them."""
+    kind = value_of(cfg, "loss.text_negatives")
+    if kind in (None, "none") or value_of(cfg, "loss.objective") is None:
+        return []
+    problems = []
+    terms = configured_terms(cfg)
+    if "infonce" not in terms:
+        problems.append(
+            f"loss.text_negatives={kind}: only the infonce term scores caption negatives, and the loss has "
+            f"{', '.join(terms) or 'no terms'}: add it (loss=infonce or loss=infonce_triplet)"
+        )
+    chunks = value_of(cfg, "trainer.grad_cache_chunks", 1)
+    if is_integer(chunks) and chunks > 1:
+        problems.append(
+            f"loss.text_negatives={kind} with trainer.grad_cache_chunks={chunks}: gradient caching does not "
+            "carry caption negatives yet; set one of them off"
+        )
+    return problems
+
+
+def fusion_stage(cfg: DictConfig) -> list[str]:
+    """The fusion stage trains through the itm term, which needs the towers' token states of one whole
+    batch on an unsharded model; ``loss.weights.itm`` means nothing without it."""
+    layers = value_of(cfg, "model.fusion.layers", 0)
+    on = is_integer(layers) and layers > 0
+    problems = []
+    k = value_of(cfg, "eval.rerank.k", 0)
+    # evaluating a checkpoint, its own run's model is scored (evaluate.py checks its fusion stage)
+    if not on and is_integer(k) and k > 0 and value_of(cfg, "ckpt") is None:
+        problems.append(
+            f"eval.rerank.k={k}: re-ranking scores pairs with the fusion stage, and the model has none; set "
+            "model.fusion.layers=N (N > 0), or eval.rerank.k=0"
+        )
+    if not on:
+        weight = value_of(cfg, "loss.weights.itm")
+        if weight is not None and value_of(cfg, "loss.objective") is not None:
+            problems.append(
+                f"loss.weights.itm={show(weight)}: the itm term trains a fusion stage, and the model has "
+                "none; set model.fusion.layers=N (N > 0), or loss.weights.itm=null"
+            )
+        return problems
+    chunks = value_of(cfg, "trainer.grad_cache_chunks", 1)
+    if is_integer(chunks) and chunks > 1:
+        problems.append(
+            f"model.fusion.layers={layers} with trainer.grad_cache_chunks={chunks}: the itm term needs the "
+            "token states of the whole batch, which gradient caching's chunks do not keep; set one of them "
+            "off"
+        )
+    if sharded(cfg):
+        problems.append(
+            f"model.fusion.layers={layers}: the fusion stage is not combined with FSDP yet; use trainer=ddp "
+            "or trainer=ddp_cpu"
         )
     return problems
 
@@ -846,6 +921,8 @@ def held_out_shard_source(cfg: DictConfig) -> list[str]:
 TRAIN_CHECKS = [
     queue_and_distillation,
     loss_terms_and_weights,
+    text_negatives,
+    fusion_stage,
     text_tower_shape,
     locking,
     projection_heads,

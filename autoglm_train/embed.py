@@ -3,6 +3,12 @@ answer text -> image queries from it.
 
     python -m autoglm_train.embed --model EXPORT_DIR --shards 'data/shapes/<spec>/val-*.tar' --out index
     python -m autoglm_train.embed --model EXPORT_DIR --index index --query "a red circle" --k 5
+    python -m autoglm_train.embed --model EXPORT_DIR --index index --query "..." --rerank 16
+
+``--rerank K`` (a model trained with a fusion stage, model.fusion.layers > 0): the index's top K images
+for each query are re-scored by the exported fusion stage's image-text matching head and re-ordered
+(``--rerank-score itm``: its match log-odds; ``itm+itc``: plus the scaled cosine), at K fusion passes a
+query. An index built from such a model keeps each image's token grid for it (``image_tokens.npy``).
 
 The model is an export of ``python -m autoglm_train.compress`` (ONNX graphs + tokenizer, fp32 or int8:
 ``<run>/exports/<variant>``). The index is a directory holding no pickle, so reading one handed over by
@@ -14,6 +20,7 @@ against exact search measured when it was built).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from collections.abc import Iterator
@@ -28,7 +35,7 @@ from autoglm_train.data.shards import SkipCounter, existing_shards, usable_sampl
 from autoglm_train.utils.files import atomic_write_bytes, atomic_write_json
 
 INDEX_FORMAT = 2  # 1: embeddings.safetensors searched by brute force
-FAISS_FILE, INDEX_FILE = "index.faiss", "index.json"
+FAISS_FILE, INDEX_FILE, TOKENS_FILE = "index.faiss", "index.json", "image_tokens.npy"
 RECALL_QUERIES = 1000  # stored vectors used as queries to measure an approximate index against exact search
 
 
@@ -60,10 +67,13 @@ def embed_shards(
     transform = timm.data.create_transform(**exported.meta["preprocess"], is_training=False)
     urls = existing_shards(shards)
     skips = SkipCounter()
-    all_ids, all_captions, parts = [], [], []
+    all_ids, all_captions, parts, grids = [], [], [], []
     with tqdm(desc="embedding images", unit="img", disable=not progress) as bar:
         for ids, captions, images in image_batches(urls, transform, batch_size, skips):
-            parts.append(exported.encode_image(torch.stack(images).numpy()))
+            batch = torch.stack(images).numpy()
+            parts.append(exported.encode_image(batch))
+            if exported.has_fusion:  # each image's token grid, for re-ranking queries with the fusion stage
+                grids.append(exported.image_tokens(batch))
             all_ids += ids
             all_captions += captions
             bar.update(len(ids))
@@ -73,6 +83,7 @@ def embed_shards(
         "ids": all_ids,
         "captions": all_captions,
         "image": np.concatenate(parts),
+        **({"image_tokens": np.concatenate(grids)} if grids else {}),
         "shards": urls,
         "model": str(model_dir),
         "skipped": dict(skips.counts),
@@ -85,6 +96,7 @@ def index_embeddings(embedded: dict, kind: str = "flat", k: int = 10, **options)
     vectors = embedded["image"]
     index = vector_index.build_index(vectors, kind, **options)
     out = {k_: v for k_, v in embedded.items() if k_ != "image"}
+    out["fusion_tokens"] = "image_tokens" in embedded
     out.update(index=index, kind=kind, dim=int(vectors.shape[1]))
     if kind != "flat":
         rows = np.random.default_rng(0).permutation(len(vectors))[:RECALL_QUERIES]
@@ -103,7 +115,11 @@ def save_index(index: dict, out: str | Path) -> None:
         raise ValueError(f"{out} is a file: an index is a directory ({FAISS_FILE} + {INDEX_FILE})")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / FAISS_FILE, vector_index.serialize(index["index"]))
-    meta = {k: v for k, v in index.items() if k != "index"}
+    if index.get("image_tokens") is not None:  # numpy's own format, read back without pickle
+        buffer = io.BytesIO()
+        np.save(buffer, index["image_tokens"], allow_pickle=False)
+        atomic_write_bytes(out / TOKENS_FILE, buffer.getvalue())
+    meta = {k: v for k, v in index.items() if k not in ("index", "image_tokens")}
     atomic_write_json(out / INDEX_FILE, {"format": INDEX_FORMAT, **meta}, indent=1, ensure_ascii=False)
 
 
@@ -119,24 +135,54 @@ def load_index(path: str | Path) -> dict:
     index = vector_index.read_index(path / FAISS_FILE)
     if index.ntotal != len(meta["ids"]):
         raise ValueError(f"{path}: {index.ntotal} vectors in the index for {len(meta['ids'])} ids")
-    return {**meta, "index": index}
+    out = {**meta, "index": index}
+    if meta.get("fusion_tokens"):
+        out["image_tokens"] = np.load(path / TOKENS_FILE, allow_pickle=False)
+    return out
 
 
-def query(exported, index: dict, text: str, k: int = 5) -> list[tuple[float, str, str]]:
-    """Top-k images for ``text`` (``exported``: ``serving.load_exported``'s result): (cosine score, sample
-    id, its first caption), best first."""
+def query(
+    exported, index: dict, text: str, k: int = 5, rerank: int = 0, rerank_score: str = "itm"
+) -> list[tuple[float, str, str]]:
+    """Top-k images for ``text`` (``exported``: ``serving.load_exported``'s result): (score, sample id, its
+    first caption), best first. The score is the cosine, or with ``rerank`` > 0 the fusion stage's score of
+    the pair (its top ``rerank`` by cosine re-ordered by it, the rest after them by cosine)."""
     if index["dim"] != exported.meta["embed_dim"]:
         raise ValueError(
             f"the index holds {index['dim']}-d embeddings, the model {exported.path} makes "
             f"{exported.meta['embed_dim']}-d ones: query with the model that built it ({index['model']})"
         )
-    q = exported.encode_text([text])
-    scores, rows = vector_index.search(index["index"], q, k)
+    tokens = exported.tokenize([text])
+    q = exported.encode_tokens(tokens)
+    scores, rows = vector_index.search(index["index"], q, max(k, rerank))
+    found = rows[0] >= 0  # faiss pads a short result with -1
+    scores, rows = scores[0][found], rows[0][found]
+    if rerank:
+        scores, rows = rerank_rows(exported, index, tokens, scores, rows, rerank, rerank_score)
     return [
-        (float(s), index["ids"][i], index["captions"][i])
-        for s, i in zip(scores[0], rows[0], strict=True)
-        if i >= 0  # faiss pads a short result with -1
+        (float(s), index["ids"][i], index["captions"][i]) for s, i in zip(scores[:k], rows[:k], strict=True)
     ]
+
+
+def rerank_rows(exported, index: dict, tokens, scores, rows, k: int, score: str):
+    """The first ``k`` of ``rows`` (by cosine ``scores``) re-ordered by the fusion stage's ITM score of
+    (image, query), the rest after them."""
+    if index.get("image_tokens") is None:
+        raise ValueError(
+            "--rerank: this index keeps no image token grids; build it with an export of a model trained "
+            "with a fusion stage (model.fusion.layers > 0)"
+        )
+    top = rows[:k]
+    states, padding = exported.text_states(tokens)
+    n = len(top)
+    logits = exported.itm_logits(
+        index["image_tokens"][top], np.repeat(states, n, axis=0), np.repeat(padding, n, axis=0)
+    )
+    fused = logits[:, 1] - logits[:, 0]
+    if score == "itm+itc":
+        fused = fused + exported.meta["fusion"]["logit_scale"] * scores[:k]
+    order = np.argsort(-fused, kind="stable")
+    return np.concatenate([fused[order], scores[k:]]), np.concatenate([top[order], rows[k:]])
 
 
 def parser() -> argparse.ArgumentParser:
@@ -156,6 +202,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--index", help="an index directory written by --out, to query")
     p.add_argument("--query", action="append", help="text to search the index for (repeatable)")
     p.add_argument("--k", type=int, default=5, help="results per query (default: 5)")
+    p.add_argument(
+        "--rerank",
+        type=int,
+        default=0,
+        help="re-rank each query's top N with the model's fusion stage (0: off, the default)",
+    )
+    p.add_argument(
+        "--rerank-score", choices=("itm", "itm+itc"), default="itm", help="what re-ranking sorts by"
+    )
     p.add_argument(
         "--index-type",
         choices=vector_index.KINDS,
@@ -180,6 +235,8 @@ def main(argv=None) -> int:
     for name in ("k", "hnsw_m", "ef_search", "nprobe", "batch_size"):
         if getattr(args, name) < 1:
             args_parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.rerank < 0:
+        args_parser.error(f"--rerank must be 0 (off) or a number of results to re-rank, got {args.rerank}")
     try:
         index = None
         if args.shards:
@@ -201,7 +258,8 @@ def main(argv=None) -> int:
             exported = load_exported(args.model, args.threads)
             for text in args.query:
                 print(f"\n{text!r}:")
-                for rank, (score, sample_id, caption) in enumerate(query(exported, index, text, args.k), 1):
+                found = query(exported, index, text, args.k, args.rerank, args.rerank_score)
+                for rank, (score, sample_id, caption) in enumerate(found, 1):
                     print(f"  {rank}. {score:.3f}  {sample_id}  {caption}")
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

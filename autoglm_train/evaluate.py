@@ -69,7 +69,20 @@ def run(cfg: DictConfig) -> dict[str, float]:
     datamodule.prepare_data()
     datamodule.attach(tokenizer, model.image_tower.data_config, trim_text=model.text_trims_padding)
     # nothing is trained: the module is here for its validation pass, which needs an objective to hold
-    module = DualEncoderModule(model, Objective({"infonce": InfoNCE()}), optimizer=None)
+    rerank = cfg.eval.get("rerank") or {}
+    if rerank.get("k") and getattr(model, "fusion", None) is None:
+        raise ValueError(
+            f"eval.rerank.k={rerank.get('k')}: re-ranking needs a model with a fusion stage "
+            "(trained with model.fusion.layers > 0)"
+        )
+    module = DualEncoderModule(
+        model,
+        Objective({"infonce": InfoNCE()}),
+        optimizer=None,
+        eval_chunk_size=cfg.eval.chunk_size,
+        rerank_k=int(rerank.get("k") or 0),
+        rerank_score=rerank.get("score", "itm"),
+    )
     trainer = L.Trainer(
         **cfg.trainer,
         logger=False,

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from autoglm_train.build import (
     build_model,
+    build_objective,
     build_run_tokenizer,
     build_zeroshot,
     check_model_weights,
@@ -28,6 +29,7 @@ from autoglm_train.build import (
     without_weights,
 )
 from autoglm_train.config_check import check_train_config
+from autoglm_train.data.caption_negatives import caption_negatives
 from autoglm_train.distributed.fsdp import is_checkpoint
 from autoglm_train.eval.run_metrics import final_metrics
 from autoglm_train.eval.zeroshot import zeroshot_metrics
@@ -164,9 +166,16 @@ def run(cfg: DictConfig) -> dict[str, float]:
         output_dir / "tokenizer.json",
     )
     model = build_model(model_cfg, tokenizer)
-    datamodule.attach(tokenizer, model.image_tower.data_config, trim_text=model.text_trims_padding)
+    datamodule.attach(
+        tokenizer,
+        model.image_tower.data_config,
+        trim_text=model.text_trims_padding,
+        text_negatives=caption_negatives(
+            cfg.loss.get("text_negatives"), cfg.loss.get("text_negatives_count", 1)
+        ),
+    )
 
-    objective = instantiate(cfg.loss.objective)
+    objective = build_objective(cfg.loss, model, cfg.seed)
     momentum = None
     if cfg.momentum.enabled:
         momentum = MomentumEncoder(model, cfg.momentum.m, cfg.momentum.schedule, cfg.trainer.max_steps)
@@ -183,6 +192,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         warmup_steps=cfg.scheduler.warmup_steps,
         min_lr_ratio=cfg.scheduler.min_lr_ratio,
         eval_chunk_size=cfg.eval.chunk_size,
+        rerank_k=int(cfg.eval.get("rerank", {}).get("k") or 0),
+        rerank_score=cfg.eval.get("rerank", {}).get("score", "itm"),
         tokenizer_json=tokenizer.to_json(),
         momentum=momentum,
         grad_cache_chunks=grad_cache_chunks,

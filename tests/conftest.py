@@ -28,6 +28,7 @@ TINY = [
     "data.shuffle_buffer=500",
     "data.prepare.n_train=3000",
     "data.prepare.n_val=200",
+    "data.prepare.n_val_binding=50",
     "data.prepare.image_size=32",
     "data.prepare.samples_per_shard=1000",
     "model.embed_dim=64",
@@ -79,7 +80,9 @@ def _few_threads():
 def shapes_dir(tmp_path_factory) -> Path:
     """One tiny shapes set shared by the session (same spec as TINY)."""
     data_dir = tmp_path_factory.mktemp("data")
-    write_shapes_shards(data_dir / "shapes", n_train=3000, n_val=200, image_size=32, samples_per_shard=1000)
+    write_shapes_shards(
+        data_dir / "shapes", n_train=3000, n_val=200, n_val_binding=50, image_size=32, samples_per_shard=1000
+    )
     return data_dir
 
 

@@ -68,6 +68,16 @@ BAD_TRAINING = [
     (["model.projection_kind=lowrank"], "model.projection_kind"),  # no rank
     (["model.projection_rank=16"], "model.projection_rank"),  # linear heads
     (["model.projection_kind=lowrank", "model.projection_rank=0"], "model.projection_rank"),
+    # caption hard negatives and the fusion stage
+    (["loss.text_negatives=reverse"], "loss.text_negatives"),
+    (["loss=triplet", "loss.text_negatives=swap"], "loss.text_negatives"),  # only infonce scores them
+    (["loss.text_negatives=swap", "trainer.grad_cache_chunks=2"], "loss.text_negatives"),
+    (["loss.weights.itm=0.5"], "loss.weights.itm"),  # no fusion stage to train
+    (["eval.rerank.k=16"], "eval.rerank.k"),
+    (["model.fusion.layers=1", "eval.rerank.score=dot"], "eval.rerank.score"),
+    (["model.fusion.layers=1", "trainer=fsdp_cpu"], "model.fusion.layers"),
+    (["model.fusion.layers=1", "trainer.grad_cache_chunks=2"], "model.fusion.layers"),
+    (["data.group_only=[shape,7]"], "data.group_only"),
 ]
 
 BAD_COMPRESSION = [
@@ -190,6 +200,8 @@ GOOD_TRAINING = (
         ["loss=infonce_triplet", "momentum.enabled=true", "loss.queue_size=4096", "loss.distill_alpha=0.4"],
         ["loss.temperature_schedule=cosine", "loss.temperature_end=0.02"],
         ["logger=wandb", "callbacks=none"],
+        ["loss.text_negatives=shuffle", "model.fusion.layers=2", "eval.rerank.k=16", "loss.weights.itm=0.5"],
+        ["loss=infonce_triplet", "loss.text_negatives=swap", "momentum.enabled=true", "loss.queue_size=4096"],
     ]
 )
 

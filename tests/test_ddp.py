@@ -19,6 +19,7 @@ from autoglm_train.distributed.compression import CompressedDDPStrategy
 from autoglm_train.lit.callbacks import CommStats
 from autoglm_train.lit.module import DualEncoderModule
 from autoglm_train.losses.infonce import InfoNCE
+from autoglm_train.losses.itm import ITMLoss
 from autoglm_train.losses.objective import Objective
 from autoglm_train.losses.triplet import TripletLoss
 from autoglm_train.model.dual_encoder import DualEncoder
@@ -28,9 +29,9 @@ pytestmark = pytest.mark.slow
 B, STEPS, WORLD = 8, 3, 2  # per-rank batch; the single process takes 2B
 
 
-def global_batches(steps: int = STEPS):
+def global_batches(steps: int = STEPS, negatives: bool = False):
     g = torch.Generator().manual_seed(7)
-    return [
+    batches = [
         {
             "image": torch.randn(WORLD * B, 3, 32, 32, generator=g),
             "text": torch.randint(1, 50, (WORLD * B, 8), generator=g),
@@ -39,25 +40,34 @@ def global_batches(steps: int = STEPS):
         }
         for s in range(steps)
     ]
+    if negatives:  # a caption negative per row, every third slot without one
+        for batch in batches:
+            batch["text_neg"] = torch.randint(1, 50, (WORLD * B, 8), generator=g)
+            batch["text_neg_valid"] = torch.arange(WORLD * B) % 3 != 0
+    return batches
 
 
 def make_module(loss: str) -> DualEncoderModule:
     torch.manual_seed(0)  # no batch norm: per-rank statistics would differ from the global batch's
     image_tower = ImageTower("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
-    model = DualEncoder(image_tower, TextTower(50, 32, 1, 2, 8), embed_dim=16)
-    term = InfoNCE() if loss == "infonce" else TripletLoss(margin=0.2, mining="semihard")
+    fusion = {"layers": 1, "heads": 2} if "fusion" in loss else None
+    model = DualEncoder(image_tower, TextTower(50, 32, 1, 2, 8), embed_dim=16, fusion=fusion)
+    term = TripletLoss(margin=0.2, mining="semihard") if loss == "triplet" else InfoNCE()
     # SGD, not Adam: Adam turns float noise in near-zero gradients (e.g. attention key biases) into
     # full-size updates, which would hide a real difference behind an arbitrary tolerance
     optimizer = partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=0.1)
-    return DualEncoderModule(model, Objective({loss: term}), optimizer=optimizer)
+    terms = {loss.split("+")[0]: term} | ({"itm": ITMLoss(seed=3)} if fusion else {})
+    return DualEncoderModule(model, Objective(terms), optimizer=optimizer)
 
 
 class Record(L.Callback):
     def __init__(self):
-        self.losses, self.grads, self.logged = [], [], {}
+        self.losses, self.grads, self.logged, self.drawn = [], [], {}, []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(outputs["loss"]))
+        if "itm" in pl_module.objective.terms:  # the ITM negatives this rank drew (global rows)
+            self.drawn.append(tuple(t.clone() for t in pl_module.objective.terms["itm"].drawn))
 
     def on_train_end(self, trainer, pl_module):
         self.logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -92,7 +102,8 @@ def worker(rank: int, port: int, out_dir: str, loss: str, compression: str, opti
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0")
     torch.set_num_threads(1)
     module = make_module(loss)
-    shard = [{k: v[rank * B : (rank + 1) * B] for k, v in b.items()} for b in global_batches()]
+    batches = global_batches(negatives="negatives" in loss)
+    shard = [{k: v[rank * B : (rank + 1) * B] for k, v in b.items()} for b in batches]
     strategy = CompressedDDPStrategy(compression=compression, process_group_backend="gloo", **options)
     checkpoint = Path(out_dir) / f"{compression}.ckpt" if compression == "powersgd" else None
     record = fit(module, shard, strategy=strategy, devices=WORLD, save=checkpoint)
@@ -111,6 +122,7 @@ def worker(rank: int, port: int, out_dir: str, loss: str, compression: str, opti
             "hook": strategy.comm_hook_name,
             "comm": strategy.comm_stats,
             "logged": record.logged,
+            "drawn": record.drawn,
         },
         Path(out_dir) / f"{compression}-{loss}-rank{rank}.pt",
     )
@@ -121,11 +133,17 @@ def run_two_ranks(tmp_path, loss="infonce", compression="none", **options):
     return [torch.load(tmp_path / f"{compression}-{loss}-rank{r}.pt") for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("loss", ["infonce", "triplet"])
+# infonce+negatives+fusion: caption negatives (loss.text_negatives) gathered from both ranks like the
+# captions, and the fusion stage's ITM term drawing its negatives from the global batch
+@pytest.mark.parametrize("loss", ["infonce", "triplet", "infonce+negatives+fusion"])
 def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path, loss):
     ranks = run_two_ranks(tmp_path, loss)
     module = make_module(loss)
-    single = fit(module, global_batches())
+    single = fit(module, global_batches(negatives="negatives" in loss))
+    for step, drawn in enumerate(single.drawn):  # the same ITM negatives as one process draws
+        for part in range(2):
+            torch.testing.assert_close(torch.cat([r["drawn"][step][part] for r in ranks]), drawn[part])
+    assert len(single.drawn) == (STEPS if "fusion" in loss else 0)
     # each rank's loss is its share of the global mean; DDP averages, so the mean over ranks is the loss
     for step in range(STEPS):
         mean = sum(r["losses"][step] for r in ranks) / WORLD

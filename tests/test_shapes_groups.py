@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from autoglm_train.data.shapes import GRID, GROUP_ATTRIBUTES, generate
+from autoglm_train.data.shapes import GRID, GROUP_ATTRIBUTES, HELD_OUT_ATTRIBUTES, generate
 from autoglm_train.eval.retrieval import group_recall
 
 FIELDS = {"shape": {0}, "colour": {1}, "size": {2}, "position": {3, 4}}  # in [kind, colour, size, row, col]
@@ -48,7 +48,7 @@ def test_every_held_out_image_is_in_a_group_and_captions_are_unique(held_out):
     assert len(captions) == len(set(captions)) == 2 * len(held_out)
     # the attributes take turns: group counts per attribute differ by at most one
     kinds = Counter(members[0][0]["varies"] for members in groups_of(held_out).values())
-    assert set(kinds) == set(GROUP_ATTRIBUTES) and max(kinds.values()) - min(kinds.values()) <= 1
+    assert set(kinds) == set(HELD_OUT_ATTRIBUTES) and max(kinds.values()) - min(kinds.values()) <= 1
 
 
 def test_a_group_differs_in_exactly_its_attribute_of_one_shape(held_out):
@@ -156,7 +156,7 @@ def test_held_out_batches_carry_each_images_group(tmp_path):
     from autoglm_train.data.tokenizer import train_bpe
 
     made = write_shapes_shards(
-        tmp_path, n_train=20, n_val=30, image_size=16, samples_per_shard=20, val_shards=2
+        tmp_path, n_train=20, n_val=30, image_size=16, samples_per_shard=20, val_shards=2, n_val_binding=0
     )
     metas = {
         sample_id_to_int(m["id"]): m
@@ -191,3 +191,59 @@ def test_held_out_batches_carry_each_images_group(tmp_path):
         iter(build_pipeline(made["val"], tokenizer=tokenizer, transform=to_tensor, batch_size=8, train=False))
     )
     assert "group" not in plain  # only asked for
+
+
+def words(caption: str) -> Counter:
+    return Counter(caption.split())
+
+
+def test_binding_groups_hold_the_same_words_and_mean_different_scenes():
+    samples = [
+        (json.loads(s["json"]), np.asarray(Image.open(io.BytesIO(s["png"]))))
+        for s in generate(120, 3, "val-binding", True, SIZE, 1.0, None, 1000, ("binding",))
+    ]
+    groups = [m for m in groups_of(samples).values() if len(m) > 1]
+    assert len(groups) >= 40 and {len(m) for m in groups} == {2, 3}
+    swaps = Counter()
+    for members in groups:
+        base_meta, base_pixels = members[0]
+        swaps[base_meta["swaps"]] += 1
+        scenes = {frozenset(map(tuple, meta["shapes"])) for meta, _ in members}
+        assert len(scenes) == len(members)  # each image a different scene...
+        for meta, pixels in members:
+            assert meta["varies"] == "binding" and len(meta["shapes"]) >= 2
+            # ...told by the same words: every caption of the group is a permutation of every other
+            for caption in meta["captions"]:
+                assert words(caption) == words(base_meta["captions"][0])
+            if meta is not base_meta:
+                assert not set(meta["captions"]) & set(base_meta["captions"])
+                assert (pixels != base_pixels).any()
+                # one attribute (or the cell) exchanged between two shapes, the others untouched
+                changed = [
+                    i
+                    for i, (a, b) in enumerate(zip(base_meta["shapes"], meta["shapes"], strict=True))
+                    if a != b
+                ]
+                assert len(changed) == 2
+                a, b = (base_meta["shapes"][i] for i in changed)
+                x, y = (meta["shapes"][i] for i in changed)
+                fields = {"colour": [1], "shape": [0], "size": [2], "position": [3, 4]}[meta["swaps"]]
+                for f in range(5):
+                    want = (b[f], a[f]) if f in fields else (a[f], b[f])
+                    assert (x[f], y[f]) == want
+    assert set(swaps) == {"colour", "shape", "size", "position"}
+
+
+def test_retrieval_leaves_group_only_kinds_out():
+    from autoglm_train.eval.retrieval import retrieval_rows
+
+    parts = {
+        "id": torch.tensor([10, 11, 12, 13]),
+        "group_kind": torch.tensor([0, 1, 1, -1]),
+        "text_id": torch.tensor([10, 10, 11, 12, 13, 13]),
+    }
+    images, texts = retrieval_rows(parts, ("shape", "binding"), ("binding",))
+    assert images.tolist() == [True, False, False, True]
+    assert texts.tolist() == [True, True, False, False, True, True]
+    images, texts = retrieval_rows(parts, ("shape", "binding"), ())
+    assert images.all() and texts.all()

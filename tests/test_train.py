@@ -1,6 +1,7 @@
 """Short real trainings on the tiny shapes set: learning, outputs, resume, and the command line."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -124,3 +125,37 @@ def test_combined_and_siglip_losses_train_and_log_each_term(tiny_cfg, loss, colu
     assert metrics["train/steps"] == 4
     header = (Path(cfg.paths.output_dir) / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert columns <= set(header) and "train/loss" in header
+
+
+# caption negatives and the fusion stage through the whole job, with what they must compose with
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [
+            "loss.text_negatives=swap",
+            "momentum.enabled=true",
+            "loss.queue_size=128",
+            "loss.distill_alpha=0.4",
+        ],
+        ["model.fusion.layers=1", "loss.text_negatives=swap", "model.grad_checkpointing=true"],
+        ["model.fusion.layers=1", "model.lock_image=true", "momentum.enabled=true"],  # LiT + a fusion stage
+    ],
+    ids=["negatives+momentum", "fusion+negatives+checkpointing", "fusion+locked+momentum"],
+)
+def test_binding_remedies_train_with_what_they_compose_with(tiny_cfg, extra, tmp_path):
+    from test_pretrained import resnet_file
+
+    fusion = any(o.startswith("model.fusion") for o in extra)
+    if "model.lock_image=true" in extra:  # a locked tower is a trained one: a weights file of its name
+        extra = [*extra, f"model.image_tower.checkpoint={resnet_file(tmp_path, name='resnet18_narrow')[0]}"]
+    cfg = tiny_cfg(
+        *extra,
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=6",
+        *(["eval.rerank.k=4"] if fusion else []),
+    )
+    metrics = train.run(cfg)
+    assert 0 <= metrics["val/hard_r1_binding"] <= 1 and metrics["val/images"] == 200  # binding: groups only
+    if fusion:
+        assert {"val/rerank_r1_mean", "val/rerank_hard_r1_binding"} <= set(metrics)
+        assert all(math.isfinite(v) for v in metrics.values())

@@ -14,13 +14,21 @@ import io
 import json
 import logging
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoglm_train.compress.serving import FORMAT_VERSION, IMAGE_FILE, META_FILE, TEXT_FILE, TOKENIZER_FILE
+from autoglm_train.compress.serving import (
+    FORMAT_VERSION,
+    FUSION_FILES,
+    IMAGE_FILE,
+    META_FILE,
+    TEXT_FILE,
+    TOKENIZER_FILE,
+)
 from autoglm_train.utils.files import atomic_write_text
 
 OPSET = 18
@@ -35,6 +43,64 @@ class _Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.proj(self.tower(x)), dim=-1)  # as DualEncoder.encode_image/text
+
+
+class _ImageTokens(nn.Module):
+    def __init__(self, tower: nn.Module):
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.tower.forward_tokens(images)[1]
+
+
+class _TextStates(nn.Module):
+    def __init__(self, tower: nn.Module):
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.tower.forward_tokens(tokens)[1]  # padding is tokens == 0: the caller has it
+
+
+def export_fusion(model, out: Path, images: torch.Tensor, tokens: torch.Tensor) -> dict:
+    """The fusion stage (model/fusion.py) as three graphs beside the encoders: images -> token grid, tokens
+    -> token states, and (token grid, token states, padding) -> ITM logits; returns export.json's entry."""
+    batch, sequence = (
+        torch.export.Dim("batch", min=1),
+        torch.export.Dim("sequence", min=1, max=int(tokens.shape[1])),
+    )
+    export_graph(_ImageTokens(model.image_tower), images, out / FUSION_FILES["image_tokens"], "images")
+    export_graph(
+        _TextStates(model.text_tower), tokens, out / FUSION_FILES["text_states"], "tokens", {1: sequence}
+    )
+    grid = model.image_tower.forward_tokens(images)[1]
+    states = model.text_tower.forward_tokens(tokens)[1]
+    padding = tokens == 0
+    with (
+        contextlib.redirect_stdout(io.StringIO()),
+        _quiet("onnxscript", "torch.onnx", "onnx_ir"),
+        warnings.catch_warnings(),
+    ):
+        warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape")
+        torch.onnx.export(
+            model.fusion.eval(),
+            (grid, states, padding),
+            str(out / FUSION_FILES["fusion"]),
+            dynamo=True,
+            input_names=["image_tokens", "text_states", "text_padding"],
+            output_names=["itm_logits"],
+            dynamic_shapes=({0: batch}, {0: batch, 1: sequence}, {0: batch, 1: sequence}),
+            opset_version=OPSET,
+            external_data=False,
+            verbose=False,
+        )
+    return {
+        "files": FUSION_FILES,
+        "image_tokens": int(grid.shape[1]),
+        "width": int(states.shape[2]),
+        "logit_scale": float(model.logit_scale()),  # for itm+itc re-ranking: the similarity in logit units
+    }
 
 
 def export_graph(
@@ -90,6 +156,7 @@ def export_model(
     export_graph(_Encoder(model.image_tower, model.image_proj), images, out / IMAGE_FILE, "images")
     sequence = {1: torch.export.Dim("sequence", min=1, max=int(tokens.shape[1]))}
     export_graph(_Encoder(model.text_tower, model.text_proj), tokens, out / TEXT_FILE, "tokens", sequence)
+    fusion = export_fusion(model, out, images, tokens) if getattr(model, "fusion", None) is not None else None
     tokenizer.save(out / TOKENIZER_FILE)
     meta = {
         "format": FORMAT_VERSION,
@@ -102,15 +169,20 @@ def export_model(
         "trim_padding": bool(trims),
         "preprocess": preprocess,
     }
+    if fusion:
+        meta["fusion"] = fusion
     atomic_write_text(out / META_FILE, json.dumps(meta, indent=2))
     return out
 
 
 def copy_sidecars(src: Path, dst: Path, meta: dict) -> None:
     """The tokenizer of the export in ``src`` next to another's graphs in ``dst``, with ``meta`` as its
-    ``export.json``."""
+    ``export.json``; the fusion stage's graphs too, as they are (fp32)."""
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src / TOKENIZER_FILE, dst / TOKENIZER_FILE)
+    if meta.get("fusion"):
+        for name in meta["fusion"]["files"].values():
+            shutil.copyfile(src / name, dst / name)
     atomic_write_text(dst / META_FILE, json.dumps(meta, indent=2))
 
 

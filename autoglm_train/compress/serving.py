@@ -22,6 +22,12 @@ IMAGE_FILE, TEXT_FILE, META_FILE, TOKENIZER_FILE = (
     "tokenizer.json",
 )
 FORMAT_VERSION = 2  # 1 was TorchScript (image_encoder.pt / text_encoder.pt)
+# a model with a fusion stage (model/fusion.py) exports it too: export.json's "fusion" names these
+FUSION_FILES = {
+    "image_tokens": "image_tokens.onnx",
+    "text_states": "text_states.onnx",
+    "fusion": "fusion.onnx",
+}
 
 
 def session(path: Path, threads: int | None = None) -> ort.InferenceSession:
@@ -42,6 +48,7 @@ class Exported:
     tokenizer: Tokenizer
     meta: dict
     path: Path
+    threads: int | None = None
 
     def encode_image(self, images: np.ndarray) -> np.ndarray:
         """Preprocessed images ``(N, C, H, W)`` float32 -> unit embeddings ``(N, D)``."""
@@ -59,6 +66,45 @@ class Exported:
 
     def encode_text(self, texts: list[str]) -> np.ndarray:
         return self.encode_tokens(self.tokenize(texts))
+
+    @property
+    def has_fusion(self) -> bool:
+        return bool(self.meta.get("fusion"))
+
+    def _fusion_session(self, part: str) -> ort.InferenceSession:
+        if not self.has_fusion:
+            raise ValueError(
+                f"{self.path}: this export has no fusion stage (trained with model.fusion.layers=0)"
+            )
+        cache = self.__dict__.setdefault("_fusion", {})
+        if part not in cache:
+            cache[part] = session(self.path / self.meta["fusion"]["files"][part], self.threads)
+        return cache[part]
+
+    def image_tokens(self, images: np.ndarray) -> np.ndarray:
+        """Preprocessed images -> the image tower's token grid ``(N, T, C)`` for the fusion stage."""
+        return self._fusion_session("image_tokens").run(
+            None, {"images": np.ascontiguousarray(images, np.float32)}
+        )[0]
+
+    def text_states(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids -> ``(token states (N, L, W), padding (N, L))`` for the fusion stage."""
+        tokens = trim_padding_columns(tokens) if self.meta.get("trim_padding") else tokens
+        states = self._fusion_session("text_states").run(
+            None, {"tokens": np.ascontiguousarray(tokens, np.int64)}
+        )[0]
+        return states, tokens == 0
+
+    def itm_logits(
+        self, image_tokens: np.ndarray, text_states: np.ndarray, padding: np.ndarray
+    ) -> np.ndarray:
+        """The fusion stage's ITM logits ``(N, 2)`` of pairs (row i of each input is one pair)."""
+        feeds = {
+            "image_tokens": np.ascontiguousarray(image_tokens, np.float32),
+            "text_states": np.ascontiguousarray(text_states, np.float32),
+            "text_padding": np.ascontiguousarray(padding, np.bool_),
+        }
+        return self._fusion_session("fusion").run(None, feeds)[0]
 
 
 def trim_padding_columns(tokens: np.ndarray) -> np.ndarray:
@@ -95,6 +141,7 @@ def load_exported(path: str | Path, threads: int | None = None) -> Exported:
         Tokenizer.from_file(str(path / TOKENIZER_FILE)),
         meta,
         path,
+        threads,
     )
 
 

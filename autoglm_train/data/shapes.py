@@ -12,6 +12,11 @@ size and position alone tell most random scenes apart, so a held-out set of rand
 retrieved without ever looking at shape; within a group only the varied attribute can, and validation
 reports each attribute's within-group R@1. Half of the training images come in such groups too, written
 one after another, so a small shuffle buffer puts them in one batch as each other's negatives.
+
+After them the held-out split holds ``binding`` groups: scenes of two or three shapes that exchange one
+attribute (colour, shape, size or cell) between two of their shapes, so every caption of the group holds
+the same words and only how they bind tells them apart, which a bag of words cannot (ARO's attribute
+and relation tests). They are scored within their groups only (``data.group_only``).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from autoglm_train.utils.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: larger shapes; held-out hard-negative groups; training families
+FORMAT_VERSION = 3  # 2: larger shapes; held-out hard-negative groups; training families. 3: binding groups
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 190, 60),
@@ -59,7 +64,17 @@ COLS = ("left", "right")
 CELLS = tuple((row, col) for row in range(GRID) for col in range(GRID))
 SIZES = {"small": 0.28, "large": 0.44}  # radius as a fraction of one grid cell's side
 # what a hard-negative group varies (one attribute of one shape), and how many images a group has
-GROUP_ATTRIBUTES = {"shape": len(SHAPES), "colour": 4, "position": len(CELLS), "size": len(SIZES)}
+GROUP_ATTRIBUTES = {
+    "shape": len(SHAPES),
+    "colour": 4,
+    "position": len(CELLS),
+    "size": len(SIZES),
+    "binding": 3,
+}
+# what the first n_val held-out images' groups vary, in turn (binding groups come after them)
+HELD_OUT_ATTRIBUTES = ("shape", "colour", "position", "size")
+# what a binding group exchanges between two shapes: the Shape field, None for the cell
+BINDING_SWAPS = {"colour": "colour", "shape": "kind", "size": "size", "position": None}
 
 
 def position_name(row: int, col: int) -> str:
@@ -87,8 +102,8 @@ def captions_for(shapes: list[Shape]) -> list[str]:
     return [forward, " and ".join(s.phrase() for s in reversed(ordered))]
 
 
-def sample_shapes(rng: random.Random, max_shapes: int = 3) -> list[Shape]:
-    n = rng.choice(range(1, max_shapes + 1))
+def sample_shapes(rng: random.Random, max_shapes: int = 3, min_shapes: int = 1) -> list[Shape]:
+    n = rng.choice(range(min_shapes, max_shapes + 1))
     cells = rng.sample(CELLS, n)
     return [
         Shape(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(SIZES)), r, c) for r, c in cells
@@ -144,6 +159,54 @@ def vary(base: list[Shape], attribute: str, rng: random.Random, size: int) -> li
     return [base] + [[*base[:index], v, *base[index + 1 :]] for v in variants]
 
 
+def _swapped(scene: list[Shape], i: int, j: int, swap: str) -> list[Shape]:
+    a, b = scene[i], scene[j]
+    field = BINDING_SWAPS[swap]
+    if field is None:  # the two shapes change cells; each keeps its list index, so its jitter and tint
+        a, b = replace(a, row=b.row, col=b.col), replace(b, row=a.row, col=a.col)
+    else:
+        a, b = replace(a, **{field: getattr(b, field)}), replace(b, **{field: getattr(a, field)})
+    out = list(scene)
+    out[i], out[j] = a, b
+    return out
+
+
+def _differ(a: Shape, b: Shape, swap: str) -> bool:
+    """Whether exchanging ``swap`` between two shapes (in distinct cells) makes another scene."""
+    field = BINDING_SWAPS[swap]
+    if field is None:  # two shapes alike but for their cells would only trade places
+        return (a.kind, a.colour, a.size) != (b.kind, b.colour, b.size)
+    return getattr(a, field) != getattr(b, field)
+
+
+def can_bind(scene: list[Shape]) -> bool:
+    """Whether a binding group can be made of the scene: two shapes of it that are not alike."""
+    return any(_differ(a, b, "position") for a in scene for b in scene)
+
+
+def bind_swaps(base: list[Shape], rng: random.Random, size: int) -> tuple[str, list[list[Shape]]]:
+    """``(swap, scenes)``: up to ``size`` scenes, the first ``base`` (two shapes or more), each other one
+    ``base`` with ``swap`` (an attribute, or the cell) exchanged between one pair of its shapes. Their
+    captions are permutations of the same words, and no two scenes are the same (shapes sit in distinct
+    cells, so exchanging differing values always changes the scene)."""
+    if not can_bind(base):
+        raise ValueError("a binding group needs a scene of two shapes or more, not all alike")
+    swap = rng.choice([s for s in BINDING_SWAPS if any(_differ(a, b, s) for a in base for b in base)])
+    pairs = [
+        (i, j) for i in range(len(base)) for j in range(i + 1, len(base)) if _differ(base[i], base[j], swap)
+    ]
+    rng.shuffle(pairs)
+    scenes, seen = [base], {frozenset(base)}
+    for i, j in pairs:
+        if len(scenes) == size:
+            break
+        scene = _swapped(base, i, j, swap)
+        if frozenset(scene) not in seen:
+            seen.add(frozenset(scene))
+            scenes.append(scene)
+    return swap, scenes
+
+
 def _sample(key: str, scene: list[Shape], image_seed: int, image_size: int, meta: dict) -> dict:
     buf = io.BytesIO()
     render(scene, random.Random(image_seed), image_size).save(buf, format="PNG", optimize=False)
@@ -165,24 +228,32 @@ def generate(
     group_fraction: float = 0.0,
     part: int | None = None,
     first: int = 0,
-    attributes: Sequence[str] = tuple(GROUP_ATTRIBUTES),
+    attributes: Sequence[str] = HELD_OUT_ATTRIBUTES,
+    seen: set[str] | None = None,
 ) -> Iterator[dict]:
     """``n`` samples. A fraction ``group_fraction`` of them (1.0: all) come in hard-negative groups, written
     one after another: images that differ only in the shape, colour, position or size of one shape, the
     attribute cycling group by group. Their json carries ``group`` (a name shared by the group) and
     ``varies`` (the attribute). ``unique_captions``: no caption appears twice in the split. ``part``: an
     independent stream of the split (one per training shard, so shards can be written in parallel);
-    sample keys count from ``first``."""
+    sample keys count from ``first``. ``seen``: captions that must not recur (with ``unique_captions``),
+    shared with a stream written before this one; the captions written are added to it."""
     rng = random.Random(f"{seed}-{split}" if part is None else f"{seed}-{split}-{part}")
-    seen: set[str] = set()
+    seen = set() if seen is None else seen
     made = grouped = groups = 0
     while made < n:
         base = sample_shapes(rng)
         image_seed = rng.getrandbits(63)
         if grouped < group_fraction * (made + 1):  # keeps the share of grouped images at the fraction
             attribute = attributes[groups % len(attributes)]
-            scenes = vary(base, attribute, rng, min(GROUP_ATTRIBUTES[attribute], n - made))
             meta = {"split": split, "group": f"{split}-g{groups:06d}", "varies": attribute}
+            size = min(GROUP_ATTRIBUTES[attribute], n - made)
+            if attribute == "binding":
+                while not can_bind(base):
+                    base = sample_shapes(rng, min_shapes=2)
+                meta["swaps"], scenes = bind_swaps(base, rng, size)
+            else:
+                scenes = vary(base, attribute, rng, size)
         else:
             scenes, meta = [base], {"split": split}
         captions = [c for scene in scenes for c in captions_for(scene)]
@@ -210,6 +281,8 @@ class ShapesSpec:
     # what training groups vary, in turn: shape twice as often as the rest (colour, size and position are
     # learnt from random scenes alone within the default job; shape is the last attribute learnt)
     train_group_attributes: tuple[str, ...] = ("shape", "colour", "shape", "size", "shape", "position")
+    # held-out binding groups after the n_val images (scored within their groups only)
+    n_val_binding: int = 250
 
 
 def spec_key(spec: ShapesSpec) -> str:
@@ -303,7 +376,15 @@ def _write(out: Path, spec: ShapesSpec) -> dict:
             for job in jobs:
                 _write_shard(job)
         with wds.ShardWriter(str(Path(staging) / "val-%06d.tar"), maxcount=per_val_shard, verbose=0) as sink:
-            for sample in generate(spec.n_val, spec.seed, "val", True, spec.image_size, 1.0):
+            seen: set[str] = set()
+            for sample in generate(spec.n_val, spec.seed, "val", True, spec.image_size, 1.0, seen=seen):
+                sink.write(sample)
+            # a stream of its own: the n_val images before it are those of a set without binding groups
+            binding = generate(
+                spec.n_val_binding, spec.seed, "val-binding", True, spec.image_size, 1.0, None, spec.n_val,
+                ("binding",), seen,
+            )  # fmt: skip
+            for sample in binding:
                 sink.write(sample)
         splits = {
             split: sorted(p.name for p in Path(staging).glob(f"{split}-*.tar")) for split in ("train", "val")
@@ -314,13 +395,13 @@ def _write(out: Path, spec: ShapesSpec) -> dict:
     manifest = {
         "spec": {"format": FORMAT_VERSION, **asdict(spec)},
         "splits": splits,
-        "sizes": {"train": spec.n_train, "val": spec.n_val},
+        "sizes": {"train": spec.n_train, "val": spec.n_val + spec.n_val_binding},
     }
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
     log.info(
         "wrote %d train + %d val shapes samples to %s in %.1fs",
         spec.n_train,
-        spec.n_val,
+        spec.n_val + spec.n_val_binding,
         out,
         time.perf_counter() - start,
     )

@@ -32,6 +32,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, get_worker_info
 from webdataset.filters import _shuffle
 
+from autoglm_train.data.caption_negatives import CaptionNegatives, negative_fields
+
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
@@ -207,8 +209,10 @@ class _Stages:
         seed: int,
         shuffle_buffer: int,
         group_kinds: Sequence[str] = (),
+        text_negatives: CaptionNegatives | None = None,
     ):
         self.tokenizer = tokenizer
+        self.text_negatives = text_negatives
         self.group_kinds = tuple(group_kinds)
         self.transform = transform
         self.caption_key = caption_key
@@ -217,6 +221,7 @@ class _Stages:
         self.shuffle_buffer = shuffle_buffer
         self.skips = SkipCounter()
         self.captions_rng = random.Random(0)
+        self.negatives_rng = random.Random(0)
 
     def _stream_seed(self, purpose: str) -> int:
         rank, _, worker, _ = wds.utils.pytorch_worker_info()
@@ -234,6 +239,7 @@ class _Stages:
 
     def decode_all(self, src: Iterator[dict]) -> Iterator[dict]:
         self.captions_rng = random.Random(self._stream_seed("captions"))
+        self.negatives_rng = random.Random(self._stream_seed("negatives"))
         augment_rng = _PrivateRNG(self._stream_seed("augment"))
         pending: list[dict] = []
         for sample in src:
@@ -263,6 +269,7 @@ class _Stages:
             "text": self.tokenizer(captions),
             "id": torch.tensor([sample_id_to_int(s["id"]) for s in samples]),
             "skipped": self.skips.take(),
+            **negative_fields(self.text_negatives, captions, self.negatives_rng, self.tokenizer),
         }
 
     def carry_trailing_skips(self, src: Iterator[dict]) -> Iterator[dict]:
@@ -468,11 +475,23 @@ def build_pipeline(
     seed: int = 0,
     shard_watch: ShardWatch | None = None,
     group_kinds: Sequence[str] = (),
+    text_negatives: CaptionNegatives | None = None,
 ) -> ShardPipeline:
     """``shard_watch``: notes which shard each loader worker reads (see WatchedLoader). ``group_kinds``:
-    held-out batches also carry each image's hard-negative ``group`` and ``group_kind`` (see read_group)."""
+    held-out batches also carry each image's hard-negative ``group`` and ``group_kind`` (see read_group).
+    ``text_negatives``: training batches also carry each caption's generated negatives
+    (data/caption_negatives.py)."""
     urls = expand_shards(shards)
-    stages = _Stages(tokenizer, transform, caption_key, train, seed, shuffle_buffer, group_kinds)
+    stages = _Stages(
+        tokenizer,
+        transform,
+        caption_key,
+        train,
+        seed,
+        shuffle_buffer,
+        group_kinds,
+        text_negatives if train else None,
+    )
     steps: list = [wds.ResampledShards(urls, seed=seed) if resampled else wds.SimpleShardList(urls)]
     if train and not resampled:
         steps.append(stages.shuffle_shards)

@@ -55,6 +55,19 @@ def retrieval_metrics(
     return out
 
 
+def retrieval_rows(
+    parts: dict[str, torch.Tensor], kinds: tuple[str, ...], group_only: tuple[str, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean masks of the images and captions retrieval scores: all but those in groups of a
+    ``group_only`` kind (``parts``: ``id``, ``text_id`` and, with hard groups, ``group_kind``)."""
+    images = torch.ones_like(parts["id"], dtype=torch.bool)
+    if group_only and "group_kind" in parts:
+        only = torch.tensor([kinds.index(k) for k in group_only], device=parts["group_kind"].device)
+        images = ~torch.isin(parts["group_kind"], only)
+    texts = torch.isin(parts["text_id"], parts["id"][images])
+    return images, texts
+
+
 @torch.no_grad()
 def group_recall(
     image_emb: torch.Tensor,
@@ -64,6 +77,7 @@ def group_recall(
     image_groups: torch.Tensor,
     image_kinds: torch.Tensor,
     kinds: tuple[str, ...],
+    sims: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """``hard_r1_<kind>``: R@1 within hard-negative groups, the mean of both directions.
 
@@ -71,7 +85,9 @@ def group_recall(
     ``image_kinds`` indexes ``kinds`` for what its group varies; -1: in none). An image is scored against
     the captions of its own group only, a caption against its group's images, so the figure says whether
     the model tells that attribute apart (chance: 1 / group size), whatever else it confuses. Groups of one
-    image are left out. A kind without groups is left out of the result.
+    image are left out. A kind without groups is left out of the result. ``sims`` [images, captions]: scores
+    to rank by instead of the embeddings' dot products (the fusion stage's: eval/rerank.py); only pairs
+    within a group are read.
     """
     device = image_emb.device  # the module gathers on the GPU it trains on; the row maps start on the host
     image_emb, text_emb = image_emb.float(), text_emb.float().to(device)
@@ -82,7 +98,9 @@ def group_recall(
     # only groups with two images or more
     _, inverse, counts = torch.unique(image_groups, return_inverse=True, return_counts=True)
     in_group = (image_kinds >= 0) & (counts[inverse] > 1)
-    sims = image_emb @ text_emb.T  # [N, M]; held-out sets are small, and only this pass needs the whole
+    if sims is None:  # [N, M]; held-out sets are small, and only this pass needs the whole
+        sims = image_emb @ text_emb.T
+    sims = sims.to(device)
     same = image_groups[:, None] == text_groups[None, :]
     masked = sims.masked_fill(~same, float("-inf"))
     i2t_hit = text_rows[masked.argmax(dim=1)] == torch.arange(len(image_ids), device=device)

@@ -42,11 +42,36 @@ def loss_step(
     tokens: torch.Tensor,
     ids: torch.Tensor | None,
     step: int,
-    momentum: tuple[torch.Tensor, torch.Tensor] | None,
+    momentum: tuple[torch.Tensor, ...] | None,
+    text_neg: torch.Tensor | None = None,
+    text_neg_valid: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The eager training step's forward and loss: ``(objective's dict, logit scale)``."""
-    image, text, logit_scale = model(images, tokens)
-    out = objective(image, text, logit_scale, ids, step=step, momentum=momentum)
+    """The eager training step's forward and loss: ``(objective's dict, logit scale)``. ``text_neg``: the
+    tokens of generated caption negatives (loss.text_negatives), embedded by the same text tower."""
+    fusion = None
+    if getattr(model, "fusion", None) is not None:  # the towers' token states too, for the itm term
+        image, text, logit_scale, states = model.encode_tokens(images, tokens)
+        fusion = (model.itm_logits, states)
+    else:
+        image, text, logit_scale = model(images, tokens)
+    neg = None
+    if text_neg is not None and fusion is not None:  # the fusion stage also reads the caption negatives
+        neg, neg_states, neg_padding = model.encode_text_tokens(text_neg)
+        valid = text_neg_valid if text_neg_valid is not None else torch.ones_like(neg_padding[:, 0])
+        fusion = (*fusion, (neg_states, neg_padding, valid))
+    elif text_neg is not None:
+        neg = model.encode_text(text_neg)
+    out = objective(
+        image,
+        text,
+        logit_scale,
+        ids,
+        step=step,
+        momentum=momentum,
+        text_neg=neg,
+        text_neg_valid=text_neg_valid,
+        fusion=fusion,
+    )
     # a loss without temperature (triplet) leaves the logit scale out of the graph, which DDP
     # (find_unused_parameters=False) refuses; a zero term keeps it in at no cost
     out["loss"] = out["loss"] + 0.0 * logit_scale
@@ -93,17 +118,21 @@ class CompiledStep:
         self.options = options
         self.fn: Callable | None = None
 
-    def __call__(self, model, objective, images, tokens, ids, step, momentum):
+    def __call__(
+        self, model, objective, images, tokens, ids, step, momentum, text_neg=None, text_neg_valid=None
+    ):
         if self.fn is None:
             self.fn = torch.compile(loss_step, **self.options)
         if getattr(model, "text_trims_padding", False):
             # the loader drops all-padding columns, so every batch may have another length: one graph for
             # any length, rather than a first graph for one length and a recompile at the next
             torch._dynamo.maybe_mark_dynamic(tokens, 1)
+            if text_neg is not None:
+                torch._dynamo.maybe_mark_dynamic(text_neg, 1)
         # the step number is an int dynamo would first specialize on (a guard ``step == 0``, so a second
         # compilation at step 1): a symbolic int from the start
         with tower_trim_off(model), torch.compiler.config.patch(dynamic_sources=STEP_SOURCE):
-            return self.fn(model, objective, images, tokens, ids, step, momentum)
+            return self.fn(model, objective, images, tokens, ids, step, momentum, text_neg, text_neg_valid)
 
     def __getstate__(self) -> dict:
         return {"options": self.options, "fn": None}

@@ -55,7 +55,8 @@ class ShardDataModule(L.LightningDataModule):
     overrides the size when set). ``timeout``: seconds a loader with workers waits for a batch before a
     ShardStallError names the shards its workers were reading (0 or None: forever). ``hard_groups``: the
     kinds of hard-negative group (``varies`` in a held-out sample's json, e.g. ``shape``) whose
-    within-group recall validation reports as ``val/hard_r1_<kind>``.
+    within-group recall validation reports as ``val/hard_r1_<kind>``; ``group_only``: those of them
+    scored within their groups only, left out of the retrieval figures (``val/r1_mean`` and the rest).
     """
 
     def __init__(
@@ -77,6 +78,7 @@ class ShardDataModule(L.LightningDataModule):
         seed: int = 0,
         timeout: float | None = 600.0,
         hard_groups: Sequence[str] | None = None,
+        group_only: Sequence[str] | None = None,
     ):
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
@@ -91,7 +93,14 @@ class ShardDataModule(L.LightningDataModule):
         self.seed = seed
         self.timeout = timeout or 0
         self.hard_groups = tuple(hard_groups or ())
+        self.group_only = tuple(group_only or ())
+        unknown = set(self.group_only) - set(self.hard_groups)
+        if unknown:
+            raise ValueError(
+                f"data.group_only {sorted(unknown)} must be among data.hard_groups {self.hard_groups}"
+            )
         self.tokenizer = None
+        self.text_negatives = None
         self.train_transform = self.eval_transform = None
         self.stream_epoch = 0  # the training stream's current epoch (lit/run_state.py counts batches in it)
         self._resume: tuple[int, int] | None = None  # (epoch, batches) from a checkpoint
@@ -118,11 +127,16 @@ class ShardDataModule(L.LightningDataModule):
             first_usable_sample(urls, self.caption_key)  # no usable sample at all is an error naming them
         self._prepared = True
 
-    def attach(self, tokenizer, model_data_config: dict, trim_text: bool = False) -> None:
+    def attach(
+        self, tokenizer, model_data_config: dict, trim_text: bool = False, text_negatives=None
+    ) -> None:
         """``model_data_config``: the image tower's ``data_config`` (the preprocessing its weights
         expect); ``image_size`` overrides its input size when set. ``trim_text``: batches drop the token
-        columns that are padding in every row (for a text tower that masks padding, so the same output)."""
+        columns that are padding in every row (for a text tower that masks padding, so the same output).
+        ``text_negatives`` (a data/caption_negatives.py generator): training batches carry each caption's
+        generated negatives."""
         self.tokenizer = tokenizer
+        self.text_negatives = text_negatives
         if trim_text and tokenizer is not None:
             self.tokenizer = functools.partial(tokenize_trimmed, tokenizer)  # pickles into spawned workers
         cfg = timm.data.resolve_data_config(model_data_config)
@@ -163,6 +177,7 @@ class ShardDataModule(L.LightningDataModule):
             seed=self.seed,
             shard_watch=watch,
             group_kinds=self.hard_groups,
+            text_negatives=self.text_negatives,
         )
         if train and self.resampled:
             pipeline = pipeline.with_epoch(self.resampled_epoch_batches(max(workers, 1)))

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from torch.utils.data import IterableDataset
 from tqdm import tqdm
 
+from autoglm_train.data.caption_negatives import negative_fields
 from autoglm_train.data.shards import (
     SkipCounter,
     expand_shards,
@@ -193,13 +194,16 @@ class CachedFeatures(IterableDataset):
     seed, epoch and rank), one of each sample's captions drawn in turn, short last batch dropped (equal
     batches on every rank), as the shard stream does. ``image`` holds the tower's features."""
 
-    def __init__(self, entries: list[dict], tokenizer, batch_size: int, seed: int, rank: int = 0):
+    def __init__(
+        self, entries: list[dict], tokenizer, batch_size: int, seed: int, rank: int = 0, text_negatives=None
+    ):
         self.features = torch.cat([e["features"] for e in entries])
         self.ids = torch.cat([e["ids"] for e in entries])
         self.captions = [c for e in entries for c in e["captions"]]
         if len(self.captions) < batch_size:
             raise ValueError(f"the feature cache holds {len(self.captions)} samples, fewer than one batch")
         self.tokenizer, self.batch_size, self.seed, self.rank = tokenizer, batch_size, seed, rank
+        self.text_negatives = text_negatives  # a data/caption_negatives.py generator, or None
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -212,6 +216,7 @@ class CachedFeatures(IterableDataset):
         seed = stable_seed(self.seed, self.epoch, self.rank, "cached")
         order = torch.randperm(len(self.captions), generator=torch.Generator().manual_seed(seed))
         captions_rng = random.Random(seed)
+        negatives_rng = random.Random(stable_seed(seed, "negatives"))
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             rows = order[start : start + self.batch_size]
             texts = [captions_rng.choice(self.captions[r]) for r in rows.tolist()]
@@ -220,6 +225,7 @@ class CachedFeatures(IterableDataset):
                 "text": self.tokenizer(texts),
                 "id": self.ids[rows],
                 "skipped": {},
+                **negative_fields(self.text_negatives, texts, negatives_rng, self.tokenizer),
             }
 
 
@@ -248,7 +254,12 @@ class FeatureCacheCallback(L.Callback):
         built_by = f"rank {trainer.global_rank} of {trainer.world_size}"
         _, entries = cache_shards(self.root, tower, datamodule, trainer, urls, progress, built_by)
         dataset = CachedFeatures(
-            entries, datamodule.tokenizer, datamodule.batch_size, datamodule.seed, trainer.global_rank
+            entries,
+            datamodule.tokenizer,
+            datamodule.batch_size,
+            datamodule.seed,
+            trainer.global_rank,
+            getattr(datamodule, "text_negatives", None),
         )
         datamodule.use_cached_features(dataset)
         trainer.strategy.barrier("feature_cache")

@@ -12,9 +12,11 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from autoglm_train.distributed.fsdp import is_sharded
 from autoglm_train.distributed.gather import gather_variable, gather_with_grad
-from autoglm_train.eval.retrieval import group_recall, retrieval_metrics
+from autoglm_train.eval.rerank import group_pair_scores, pair_scores, rerank_metrics
+from autoglm_train.eval.retrieval import group_recall, retrieval_metrics, retrieval_rows
 from autoglm_train.lit.compiled_step import GRAD_CACHE_REFUSED, CompiledStep, compiles_step, loss_step
 from autoglm_train.lit.grad_cache import grad_cache_step
+from autoglm_train.losses.itm import pad_tokens
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: float, min_ratio: float) -> float:
@@ -50,6 +52,8 @@ class DualEncoderModule(L.LightningModule):
         grad_clip: float | None = None,
         image_layer_decay: float = 1.0,
         text_layer_decay: float = 1.0,
+        rerank_k: int = 0,
+        rerank_score: str = "itm",
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["model", "objective", "optimizer", "tokenizer_json", "momentum"])
@@ -68,6 +72,9 @@ class DualEncoderModule(L.LightningModule):
     # --- training -------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         keys = self.momentum.encode(batch["image"], batch["text"]) if self.momentum is not None else None
+        if keys is not None and "text_neg" in batch:  # the momentum model's view of the caption negatives
+            with torch.no_grad():
+                keys = (*keys, self.momentum.module.encode_text(batch["text_neg"]))
         if self.automatic_optimization:
             # forward + objective (+ the zero logit-scale term DDP needs): lit/compiled_step.py's loss_step,
             # eager, or as one torch.compile'd function with model.compile=step (made at the first step,
@@ -77,7 +84,15 @@ class DualEncoderModule(L.LightningModule):
                 if getattr(self, "compiled_step", None) is None:
                     self.compiled_step = CompiledStep()
                 run = self.compiled_step
-            inputs = (batch["image"], batch["text"], batch.get("id"), self.global_step, keys)
+            inputs = (
+                batch["image"],
+                batch["text"],
+                batch.get("id"),
+                self.global_step,
+                keys,
+                batch.get("text_neg"),
+                batch.get("text_neg_valid"),
+            )
             out, logit_scale = run(self.model, self.objective, *inputs)
             self.step_losses = {k: v.detach() for k, v in out.items() if k.startswith("loss")}
         else:
@@ -167,15 +182,35 @@ class DualEncoderModule(L.LightningModule):
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         return tuple(getattr(datamodule, "hard_groups", ()) or ())
 
+    def _group_only(self) -> tuple[str, ...]:
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        return tuple(getattr(datamodule, "group_only", ()) or ())
+
+    def _reranks(self) -> bool:
+        """Whether validation re-ranks with the fusion stage (``eval.rerank.k`` > 0 and a model that has
+        one)."""
+        return self.hparams.rerank_k > 0 and getattr(self.model, "fusion", None) is not None
+
     def on_validation_epoch_start(self) -> None:
         # the same keys on every rank (each gathers each), whether or not its share has batches
         self._val = {"image": [], "id": [], "text": [], "text_id": []}
         if self._hard_groups():
             self._val |= {"group": [], "group_kind": []}
+        if self._reranks():
+            self._val |= {"image_tokens": [], "text_states": [], "text_padding": []}
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._val["image"].append(self.model.encode_image(batch["image"]).float())
-        self._val["text"].append(self.model.encode_text(batch["text"]).float())
+        if self._reranks():  # the token states too, padded to one length (batches trim to their own)
+            image, image_tokens = self.model.encode_image_tokens(batch["image"])
+            text, states, padding = self.model.encode_text_tokens(batch["text"])
+            states, padding = pad_tokens(states, padding, self.model.text_tower.context_length)
+            self._val["image_tokens"].append(image_tokens.float())
+            self._val["text_states"].append(states.float())
+            self._val["text_padding"].append(padding.to(torch.uint8))  # gathers as bytes on every backend
+        else:
+            image, text = self.model.encode_image(batch["image"]), self.model.encode_text(batch["text"])
+        self._val["image"].append(image.float())
+        self._val["text"].append(text.float())
         for key in ("id", "text_id", "group", "group_kind"):
             if key in self._val:
                 self._val[key].append(batch[key])
@@ -189,11 +224,12 @@ class DualEncoderModule(L.LightningModule):
         self._val = {}
         if parts["image"].shape[0] == 0:
             raise RuntimeError("validation produced no samples: check data.val_shards")
+        images, texts = retrieval_rows(parts, self._hard_groups(), self._group_only())
         metrics = retrieval_metrics(
-            parts["image"],
-            parts["id"],
-            parts["text"],
-            parts["text_id"],
+            parts["image"][images],
+            parts["id"][images],
+            parts["text"][texts],
+            parts["text_id"][texts],
             chunk_size=self.hparams.eval_chunk_size,
         )
         if "group" in parts:
@@ -206,8 +242,61 @@ class DualEncoderModule(L.LightningModule):
                 parts["group_kind"],
                 self._hard_groups(),
             )
+        if self._reranks():
+            metrics |= self._rerank_metrics(parts, images, texts)
         metrics = {f"val/{k}": v for k, v in metrics.items()}
-        metrics["val/images"] = float(parts["image"].shape[0])
-        metrics["val/captions"] = float(parts["text"].shape[0])
+        metrics["val/images"] = float(images.sum())  # those retrieval scored
+        metrics["val/captions"] = float(texts.sum())
         self.log_dict(metrics, prog_bar=False)
         self.last_val = (self.global_step, metrics)
+
+    def _rerank_metrics(self, parts: dict, images: torch.Tensor, texts: torch.Tensor) -> dict[str, float]:
+        """``rerank_*``: retrieval with each query's top ``eval.rerank.k`` re-ranked by the fusion stage, and
+        with hard groups ``rerank_hard_r1_<kind>`` (every pair within a group scored by it)."""
+        k, score = self.hparams.rerank_k, self.hparams.rerank_score
+        scale = float(self.model.logit_scale())
+        tokens = (parts["image_tokens"], parts["text_states"], parts["text_padding"].bool())
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = rerank_metrics(
+                parts["image"][images],
+                parts["id"][images],
+                parts["text"][texts],
+                parts["text_id"][texts],
+                self.model.itm_logits,
+                tokens[0][images],
+                tokens[1][texts],
+                tokens[2][texts],
+                k,
+                score,
+                scale,
+                chunk_size=self.hparams.eval_chunk_size,
+            )
+            if "group" in parts:
+
+                def score_pairs(image_rows, text_rows):
+                    fused = pair_scores(self.model.itm_logits, *tokens, image_rows, text_rows)
+                    if score == "itm+itc":
+                        fused = fused + scale * (parts["image"][image_rows] * parts["text"][text_rows]).sum(
+                            -1
+                        )
+                    return fused
+
+                sims = group_pair_scores(
+                    parts["id"], parts["text_id"], parts["group"], parts["group_kind"], score_pairs
+                )
+                hard = group_recall(
+                    parts["image"],
+                    parts["id"],
+                    parts["text"],
+                    parts["text_id"],
+                    parts["group"],
+                    parts["group_kind"],
+                    self._hard_groups(),
+                    sims=sims,
+                )
+                out |= {f"rerank_{name}": value for name, value in hard.items()}
+        finally:
+            self.model.train(was_training)
+        return out

@@ -54,10 +54,19 @@ class ContrastiveBatch:
     text_queue: torch.Tensor | None = None
     queue_ids: torch.Tensor | None = None
     distill_alpha: float = 0.0
+    # caption hard negatives (loss.text_negatives): gathered embeddings, which slots hold one, and with a
+    # momentum encoder its embeddings of them (gathered); only image->text InfoNCE scores them
+    text_neg_all: torch.Tensor | None = None
+    text_neg_valid_all: torch.Tensor | None = None
+    text_neg_keys: torch.Tensor | None = None
+    # the fusion stage: (itm_logits(image_tokens, text_states, text_padding), TokenStates of this rank's
+    # batch), and the gather that brings other ranks' rows (the itm term draws negatives from them)
+    fusion: tuple | None = None
+    gather: Callable | None = None
 
 
 class Objective(nn.Module):
-    """``forward(image_emb, text_emb, logit_scale, ids, step, momentum)`` ->
+    """``forward(image_emb, text_emb, logit_scale, ids, step, momentum, text_neg, text_neg_valid)`` ->
     ``{"loss": total, "loss/<term>": value, ..., "sched/<name>": value, ...}``.
 
     ``temperature`` (a Schedule) replaces the model's learned logit scale by 1/temperature(step), clamped
@@ -65,7 +74,11 @@ class Objective(nn.Module):
     ``momentum=(image_m, text_m)`` (a momentum encoder's embeddings of the batch) turns on keys: terms score
     against the gathered momentum batch plus queues of ``queue_size`` past keys, which are updated after the
     loss. ``distill_alpha`` (ramped up linearly over ``distill_ramp_steps``) mixes the momentum model's
-    similarity distribution into the InfoNCE targets (ALBEF's momentum distillation).
+    similarity distribution into the InfoNCE targets (ALBEF's momentum distillation). ``text_neg``: the
+    embeddings of generated caption negatives (``text_neg_valid``: which slots hold one), gathered from
+    every rank for the InfoNCE term's image->text direction; with momentum, ``momentum`` carries the
+    momentum encoder's embeddings of them third. ``fusion``: ``(itm_logits, TokenStates)`` for the itm term
+    (losses/itm.py), with a model that has a fusion stage.
     """
 
     def __init__(
@@ -123,7 +136,16 @@ class Objective(nn.Module):
         return counts.sum(), world
 
     def forward(
-        self, image, text, logit_scale, ids=None, step: int = 0, momentum=None
+        self,
+        image,
+        text,
+        logit_scale,
+        ids=None,
+        step: int = 0,
+        momentum=None,
+        text_neg=None,
+        text_neg_valid=None,
+        fusion=None,
     ) -> dict[str, torch.Tensor]:
         image_all, offset = self.gather(image)
         text_all, _ = self.gather(text)
@@ -145,7 +167,13 @@ class Objective(nn.Module):
             step,
             global_count=lambda count: self._global_count(count, world),
             scheduled=scheduled,
+            fusion=fusion,
+            gather=self.gather,
         )
+        if text_neg is not None:
+            batch.text_neg_all = self.gather(text_neg)[0]
+            if text_neg_valid is not None:
+                batch.text_neg_valid_all = self.gather(text_neg_valid.to(torch.uint8))[0].bool()
         keys = self._attach_keys(batch, momentum, step) if momentum is not None else None
         out = {f"loss/{name}": term(batch) for name, term in self.terms.items()}
         out["loss"] = sum(self.weights[name] * out[f"loss/{name}"] for name in self.terms)
@@ -160,9 +188,11 @@ class Objective(nn.Module):
     def _attach_keys(self, batch: ContrastiveBatch, momentum, step: int):
         if batch.ids is None:
             raise ValueError("momentum keys need sample ids in the batch (batch['id'])")
-        image_m, text_m = (m.detach() for m in momentum)
+        image_m, text_m = momentum[0].detach(), momentum[1].detach()
         with torch.no_grad():
             image_m_all, text_m_all = self.gather(image_m)[0], self.gather(text_m)[0]
+            if len(momentum) > 2 and momentum[2] is not None:  # the momentum model's caption negatives
+                batch.text_neg_keys = self.gather(momentum[2].detach())[0]
         batch.image_m, batch.text_m = image_m, text_m
         batch.image_keys, batch.text_keys, batch.key_ids = image_m_all, text_m_all, batch.ids_all
         if self.queue_size:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from autoglm_train.model.fusion import FusionEncoder, TokenStates
 
 PROJECTIONS = ("linear", "lowrank", "mlp", "none")
 # model.compile: false, true (= towers, what the flag meant before step existed), towers, step
@@ -104,6 +107,10 @@ class DualEncoder(nn.Module):
     step (lit/compiled_step.py); either way the state dict keys are unchanged (no ``_orig_mod.``).
     ``cache_locked_features`` (a wholly locked image tower) marks the run for lit/feature_cache.py;
     ``encode_image`` then also takes the tower's features (2-D) in place of images (4-D).
+
+    ``fusion`` (``{"layers": N, "heads": H}``, N > 0) adds the fusion stage (model/fusion.py):
+    ``encode_tokens`` gives the embeddings together with both towers' token states, ``itm_logits`` scores
+    (image, caption) pairs from them.
     """
 
     def __init__(
@@ -124,6 +131,7 @@ class DualEncoder(nn.Module):
         grad_checkpointing: bool = False,
         compile: bool | str = False,
         cache_locked_features: bool = False,
+        fusion: Mapping | None = None,
     ):
         super().__init__()
         if init_temperature <= 0:
@@ -156,6 +164,34 @@ class DualEncoder(nn.Module):
         if grad_checkpointing:
             self.image_tower.set_grad_checkpointing(True)
             self.text_tower.set_grad_checkpointing(True)
+        fusion_layers, fusion_heads = (
+            int((fusion or {}).get("layers") or 0),
+            int((fusion or {}).get("heads", 4)),
+        )
+        self.fusion_lr_scale = float((fusion or {}).get("lr_scale", 1.0))
+        if self.fusion_lr_scale <= 0:
+            raise ValueError(f"model.fusion.lr_scale must be > 0, got {self.fusion_lr_scale}")
+        self.fusion = None
+        if fusion_layers:
+            missing = [
+                name
+                for name, tower in (("image", image_tower), ("text", text_tower))
+                if not hasattr(tower, "forward_tokens")
+            ]
+            if missing:
+                raise ValueError(
+                    f"model.fusion.layers={fusion_layers}: the {' and '.join(missing)} tower does not give "
+                    "its token states (timm image towers and the text tower of ours do; open_clip and "
+                    "Hugging Face towers not yet)"
+                )
+            if cache_locked_features:
+                raise ValueError(
+                    "model.fusion needs the image tower's token grid, which model.cache_locked_features=true "
+                    "does not keep: set one of them off"
+                )
+            self.fusion = FusionEncoder(text_tower.width, image_tower.width, fusion_layers, fusion_heads)
+            if grad_checkpointing:
+                self.fusion.set_grad_checkpointing(True)
         self.compile_mode = compile_mode(compile)
         if self.compile_mode == "towers":  # nn.Module.compile: the module keeps its own state dict keys
             self.image_tower.compile()
@@ -177,6 +213,29 @@ class DualEncoder(nn.Module):
 
     def _encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_proj(self.text_tower(tokens)), dim=-1)
+
+    def encode_tokens(self, images: torch.Tensor, tokens: torch.Tensor):
+        """``(image_emb, text_emb, logit_scale, TokenStates)``: ``forward``'s outputs and, from the same
+        pass, both towers' token states for the fusion stage."""
+        image, image_tokens = self.encode_image_tokens(images)
+        text, text_states, padding = self.encode_text_tokens(tokens)
+        return image, text, self.logit_scale(), TokenStates(image_tokens, text_states, padding)
+
+    def encode_image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(embedding, token grid)`` of images, one pass."""
+        features, image_tokens = self.image_tower.forward_tokens(images)
+        return F.normalize(self.image_proj(features), dim=-1), image_tokens
+
+    def encode_text_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(embedding, token states, padding mask)`` of captions, one pass."""
+        features, states, padding = self.text_tower.forward_tokens(tokens)
+        return F.normalize(self.text_proj(features), dim=-1), states, padding
+
+    def itm_logits(self, image_tokens: torch.Tensor, text_states: torch.Tensor, text_padding: torch.Tensor):
+        """The fusion stage's ITM logits [B, 2] of pairs (row i of each input is one pair)."""
+        if self.fusion is None:
+            raise ValueError("this model has no fusion stage (model.fusion.layers=0)")
+        return self.fusion(image_tokens, text_states, text_padding)
 
     @property
     def text_trims_padding(self) -> bool:
@@ -204,6 +263,8 @@ class DualEncoder(nn.Module):
             ids, layers = tower.layer_ids()
             for name, layer in ids.items():
                 scales[prefix + name] = decay ** (layers - layer)
+        if self.fusion is not None and self.fusion_lr_scale != 1.0:  # a fresh stage on trained towers
+            scales |= {f"fusion.{name}": self.fusion_lr_scale for name, _ in self.fusion.named_parameters()}
         return scales
 
     def param_groups(

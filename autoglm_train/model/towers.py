@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from autoglm_train.model import timm_models  # noqa: F401  (registers our timm names)
+from autoglm_train.model.fusion import grid_tokens
 from autoglm_train.model.weights import check_timm_weights, load_into, read_state_dict, strip_prefix
 
 # where a tower's weights sit inside checkpoints of ours and of common wrappers
@@ -45,6 +46,14 @@ class LockableTower(nn.Module):
             with torch.no_grad():
                 return self._forward(inputs)
         return self._forward(inputs)
+
+    def forward_tokens(self, inputs: torch.Tensor) -> tuple:
+        """``(pooled, tokens, ...)``: the pooled features ``forward`` gives, and the per-token states of the
+        same pass (for the fusion stage: model/fusion.py)."""
+        if self.locked:
+            with torch.no_grad():
+                return self._forward_tokens(inputs)
+        return self._forward_tokens(inputs)
 
 
 def check_image_weights(name: str, pretrained: bool, checkpoint: str | None) -> None:
@@ -156,6 +165,14 @@ class ImageTower(LockableTower):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.backbone(images)
 
+    def _forward_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pooled features, tokens [B, N, C])``: timm's ``forward_features`` (ViT tokens, or a feature
+        map flattened with 2-D positions) and ``forward_head`` on it, one pass."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        features = self.backbone.forward_features(images)
+        return self.backbone.forward_head(features, pre_logits=True), grid_tokens(features)
+
 
 class TextTower(LockableTower):
     """Pre-norm transformer encoder; pools the first ([CLS]) position or the mean of non-padding tokens.
@@ -228,6 +245,14 @@ class TextTower(LockableTower):
         return ids, depth + 1
 
     def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._pool(*self._states(tokens))
+
+    def _forward_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(pooled, states [B, L, W], padding [B, L])``; L may be shorter than the input (trimmed)."""
+        states, padding = self._states(tokens)
+        return self._pool(states, padding), states, padding
+
+    def _states(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if tokens.shape[1] > self.context_length:
             raise ValueError(f"got {tokens.shape[1]} tokens, context_length is {self.context_length}")
         # drop the columns that are padding in every row: masked anyway, and they cost most of the compute.
@@ -242,7 +267,9 @@ class TextTower(LockableTower):
                 x = checkpoint(layer, x, None, padding, use_reentrant=False)
         else:
             x = self.encoder(x, src_key_padding_mask=padding)
-        x = self.final_norm(x)
+        return self.final_norm(x), padding
+
+    def _pool(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
         if self.pool == "cls":
             return x[:, 0]
         keep = (~padding).unsqueeze(-1).to(x.dtype)
