@@ -9,8 +9,9 @@ DEPS_STAMP := $(VENV)/.deps-$(DEPS_HASH)
 .PHONY: setup train test test-fast bench lint clean
 
 setup: $(DEPS_STAMP)
-	@# the package itself is installed editable from this checkout (a shared venv may have pointed elsewhere)
-	@$(PY) -c "import autoglm_train, pathlib, sys; sys.exit(pathlib.Path(autoglm_train.__file__).parent.parent != pathlib.Path.cwd())" 2>/dev/null \
+	@# the package itself is installed editable from this checkout (a shared venv may have pointed elsewhere);
+	@# checked from / so that the checkout on the path of `python -c` does not answer for the install
+	@(cd / && $(abspath $(PY)) -c "import autoglm_train, pathlib, sys; sys.exit(pathlib.Path(autoglm_train.__file__).parent.parent != pathlib.Path('$(CURDIR)'))") 2>/dev/null \
 		|| $(PY) -m pip install -q --no-deps --no-build-isolation -e .
 
 $(DEPS_STAMP): constraints.txt pyproject.toml

@@ -171,12 +171,12 @@ def test_embed_writes_a_faiss_index_and_answers_text_queries(
     # no pickle: faiss's own format and JSON
     assert sorted(p.name for p in (tmp_path / "index").iterdir()) == ["index.faiss", "index.json"]
     index = load_index(tmp_path / "index")
-    assert index["index"].ntotal == len(index["ids"]) == len(index["captions"]) == 200
+    assert index["index"].ntotal == len(index["ids"]) == len(index["captions"]) == 250  # 200 + 50 binding
     assert index["kind"] == "flat" and "recall_at_10_vs_exact" not in index
     printed = capsys.readouterr().out
-    assert "200 image embeddings" in printed and "'a red circle':" in printed and "  5. " in printed
+    assert "250 image embeddings" in printed and "'a red circle':" in printed and "  5. " in printed
     # the exact index ranks as a brute-force cosine ranking of the model's own embeddings does
-    stored = index["index"].reconstruct_n(0, 200)
+    stored = index["index"].reconstruct_n(0, 250)
     exported = load_exported(exports / "fp32")
     query_vector = exported.encode_text(["a red circle"])[0]
     best = np.argsort(-(stored @ query_vector), kind="stable")[:3]
@@ -274,8 +274,8 @@ def test_compression_job_on_a_trained_checkpoint_writes_the_report(shapes_dir, t
         "pruned + distilled + ORT fp32",
         "pruned + distilled + ORT int8",
     ]
-    # TINY's heads: 512 -> 64 and 64 -> 64, factorized at rank 8
-    saved = (512 * 64 + 64 * 64) - 8 * (512 + 64 + 64 + 64)
+    # TINY's heads: 256 (resnet18_narrow) -> 64 and 64 -> 64, factorized at rank 8
+    saved = (256 * 64 + 64 * 64) - 8 * (256 + 64 + 64 + 64)
     assert rows["original"]["params"] - rows[lowrank]["params"] == saved
     assert rows["pruned"]["params"] < rows["original"]["params"]
     assert rows["pruned"]["flops"] < rows["original"]["flops"]

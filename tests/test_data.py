@@ -40,7 +40,14 @@ def test_shapes_are_deterministic_and_held_out_captions_unique(tmp_path):
     assert "at the" in captions[0] and captions[0].startswith("a ")
 
 
-SMALL_SPEC = {"n_train": 120, "n_val": 40, "image_size": 16, "samples_per_shard": 50, "val_shards": 2}
+SMALL_SPEC = {
+    "n_train": 120,
+    "n_val": 40,
+    "image_size": 16,
+    "samples_per_shard": 50,
+    "val_shards": 2,
+    "n_val_binding": 0,
+}
 
 
 def mtimes(shards: dict[str, list[str]]) -> dict[str, int]:
@@ -98,8 +105,9 @@ def test_train_and_eval_batches(shapes_dir, tokenizer):
     evaluation = list(
         build_pipeline(shards, tokenizer=tokenizer, transform=to_tensor, batch_size=64, train=False)
     )
-    assert sum(b["image"].shape[0] for b in evaluation) == 200  # partial last batch kept
-    assert sum(b["text"].shape[0] for b in evaluation) == 400  # two captions per image, all used
+    # 200 held-out images + 50 in binding groups; partial last batch kept
+    assert sum(b["image"].shape[0] for b in evaluation) == 250
+    assert sum(b["text"].shape[0] for b in evaluation) == 500  # two captions per image, all used
     ids = torch.cat([b["id"] for b in evaluation])
     assert set(torch.cat([b["text_id"] for b in evaluation]).tolist()) == set(ids.tolist())
 

@@ -205,5 +205,6 @@ def test_training_with_grad_cache_runs_its_own_optimizer_steps(tiny_cfg, caplog)
     )
     # manual optimization: every step is ours (optimizer, clipping, schedule); Lightning counts them
     assert metrics["train/steps"] == 6
-    # the default ResNet-18 tower: the start-up log says what its batch norms get
-    assert "trainer.grad_cache_chunks=4: 20 batch-norm layers (image_tower)" in caplog.text
+    # the default job's resnet18_narrow (ResNet-18's 20 + its first stage's downsample): the start-up log
+    # says what its batch norms get
+    assert "trainer.grad_cache_chunks=4: 21 batch-norm layers (image_tower)" in caplog.text

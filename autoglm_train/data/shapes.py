@@ -367,7 +367,8 @@ def _write(out: Path, spec: ShapesSpec) -> dict:
             (Path(staging) / f"train-{part:06d}.tar", spec, "train", n, part, part * spec.samples_per_shard)
             for part, n in enumerate(sizes)
         ]
-        per_val_shard = max(1, math.ceil(spec.n_val / spec.val_shards))
+        # the binding groups share the val_shards shards: ranks (and FSDP's collectives) get even shares
+        per_val_shard = max(1, math.ceil((spec.n_val + spec.n_val_binding) / spec.val_shards))
         workers = min(len(jobs), os.cpu_count() or 1, 8)
         if workers > 1:
             with ProcessPoolExecutor(workers) as pool:
