@@ -412,6 +412,7 @@ LOSS_RULES = [
     integer("loss.text_negatives_count", 1),
     integer("model.fusion.layers", 0),
     integer("model.fusion.heads", 1),
+    flag("model.fusion.tower_grad"),
 ]
 
 SHARDS = "a shard pattern or a list of shard paths/URLs (null: data.prepare makes them)"

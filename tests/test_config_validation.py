@@ -77,6 +77,7 @@ BAD_TRAINING = [
     (["model.fusion.layers=1", "eval.rerank.score=dot"], "eval.rerank.score"),
     (["model.fusion.layers=1", "trainer=fsdp_cpu"], "model.fusion.layers"),
     (["model.fusion.layers=1", "trainer.grad_cache_chunks=2"], "model.fusion.layers"),
+    (["model.fusion.layers=1", "model.fusion.tower_grad=maybe"], "model.fusion.tower_grad"),
     (["data.group_only=[shape,7]"], "data.group_only"),
 ]
 
@@ -201,6 +202,7 @@ GOOD_TRAINING = (
         ["loss.temperature_schedule=cosine", "loss.temperature_end=0.02"],
         ["logger=wandb", "callbacks=none"],
         ["loss.text_negatives=shuffle", "model.fusion.layers=2", "eval.rerank.k=16", "loss.weights.itm=0.5"],
+        ["model.fusion.layers=1", "model.fusion.tower_grad=false"],
         ["loss=infonce_triplet", "loss.text_negatives=swap", "momentum.enabled=true", "loss.queue_size=4096"],
     ]
 )

@@ -65,6 +65,17 @@ def test_token_states_come_from_the_same_pass_as_the_embeddings(tower, tokens):
     torch.testing.assert_close(model.itm_logits(again.image, again.text, again.text_padding)[0], logits[0])
 
 
+@pytest.mark.parametrize("tower_grad", [True, False])
+def test_tower_grad_decides_whether_the_itm_loss_trains_the_towers(tower_grad):
+    model = tiny_model()
+    model.fusion_tower_grad = tower_grad
+    text = torch.randint(1, 40, (3, 12))
+    states = model.encode_tokens(torch.randn(3, 3, 32, 32), text)[3]
+    model.itm_logits(states.image, states.text, states.text_padding).sum().backward()
+    reached = {name.split(".")[0] for name, p in model.named_parameters() if p.grad is not None}
+    assert reached == ({"fusion", "image_tower", "text_tower"} if tower_grad else {"fusion"})
+
+
 def test_a_model_without_token_states_is_refused():
     class Pooled(torch.nn.Module):
         width = 8

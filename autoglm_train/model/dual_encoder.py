@@ -110,7 +110,8 @@ class DualEncoder(nn.Module):
 
     ``fusion`` (``{"layers": N, "heads": H}``, N > 0) adds the fusion stage (model/fusion.py):
     ``encode_tokens`` gives the embeddings together with both towers' token states, ``itm_logits`` scores
-    (image, caption) pairs from them.
+    (image, caption) pairs from them; with ``tower_grad: false`` those states are detached, so the itm
+    term trains the fusion stage alone.
     """
 
     def __init__(
@@ -169,6 +170,7 @@ class DualEncoder(nn.Module):
             int((fusion or {}).get("heads", 4)),
         )
         self.fusion_lr_scale = float((fusion or {}).get("lr_scale", 1.0))
+        self.fusion_tower_grad = bool((fusion or {}).get("tower_grad", True))
         if self.fusion_lr_scale <= 0:
             raise ValueError(f"model.fusion.lr_scale must be > 0, got {self.fusion_lr_scale}")
         self.fusion = None
@@ -219,6 +221,8 @@ class DualEncoder(nn.Module):
         pass, both towers' token states for the fusion stage."""
         image, image_tokens = self.encode_image_tokens(images)
         text, text_states, padding = self.encode_text_tokens(tokens)
+        if not self.fusion_tower_grad:  # the itm term trains the fusion stage only
+            image_tokens, text_states = image_tokens.detach(), text_states.detach()
         return image, text, self.logit_scale(), TokenStates(image_tokens, text_states, padding)
 
     def encode_image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
