@@ -571,10 +571,37 @@ TRAIN_RULES = [
     *TRAINER_RULES,
 ]
 
+
+def benchmark_set(cfg: DictConfig) -> bool:
+    return bool(value_of(cfg, "benchmark.dataset"))
+
+
+def benchmark_precision(cfg: DictConfig) -> bool:
+    # a precision Lightning does not know is reported once, by the trainer's rule
+    return benchmark_set(cfg) and value_of(cfg, "trainer.precision") in precisions()
+
+
+# the benchmark pass runs in fp32 or under autocast (clip_benchmark's --amp); no half-precision model
+BENCHMARK_PRECISIONS = ("32-true", "32", 32, "bf16-mixed", "16-mixed")
+
+BENCHMARK_RULES = [
+    text("benchmark.dataset", null=True),
+    text("benchmark.split"),
+    integer("benchmark.batch_size", 1),
+    integer("benchmark.num_workers", 0),
+    custom(
+        "benchmark.recall_k",
+        "a non-empty list of integers >= 1",
+        lambda v: isinstance(v, list) and bool(v) and all(is_integer(k) and k >= 1 for k in v),
+    ),
+    one_of("trainer.precision", BENCHMARK_PRECISIONS, when=benchmark_precision),
+]
+
 EVALUATE_RULES = [
     existing_checkpoint("ckpt", null=True),
     # evaluation trains nothing: no training shards, no checkpoint to resume
     *[rule for rule in TRAIN_RULES if rule.key not in ("ckpt_path", "data.train_shards")],
+    *BENCHMARK_RULES,
 ]
 
 COMPRESS_RULES = [
@@ -936,9 +963,32 @@ TRAIN_CHECKS = [
 
 
 def evaluation_data(cfg: DictConfig) -> list[str]:
-    if value_of(cfg, "ckpt") is None and value_of(cfg, "data") is None:
-        return ["data: without ckpt=PATH, say which shards to score (data=wds data.val_shards=...)"]
+    if value_of(cfg, "ckpt") is None and value_of(cfg, "data") is None and not benchmark_set(cfg):
+        return [
+            "data: without ckpt=PATH, say which shards to score (data=wds data.val_shards=...), or a "
+            "clip_benchmark dataset (benchmark.dataset=NAME benchmark.root=DIR)"
+        ]
     return []
+
+
+def benchmark_inputs(cfg: DictConfig) -> list[str]:
+    """A benchmark names a readable directory, and is scored alone (no held-out shards, no eval tasks)."""
+    from autoglm_train.data.clip_benchmark import layout_problems
+
+    if not benchmark_set(cfg):
+        return []
+    root, split = value_of(cfg, "benchmark.root"), value_of(cfg, "benchmark.split")
+    if not isinstance(root, str) or not root.strip():
+        return [f"benchmark.root={show(root)}: benchmark.dataset needs the dataset's directory"]
+    problems = [
+        f"benchmark.root={root}: {p} (clip_benchmark's webdataset layout)"
+        for p in layout_problems(root, split if isinstance(split, str) else "test")
+    ]
+    if value_of(cfg, "eval.zeroshot.task") is not None:
+        problems.append("eval.zeroshot.task: a benchmark run scores the benchmark alone; set it to null")
+    if value_of(cfg, "eval.rerank.k"):
+        problems.append("eval.rerank.k: a benchmark run does not re-rank; set it to 0")
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -966,7 +1016,8 @@ def check_train_config(cfg: DictConfig) -> None:
 
 def check_evaluate_config(cfg: DictConfig) -> None:
     """A composed evaluation config (conf/evaluate.yaml): the training keys it has, and ``ckpt``/``data``."""
-    checks = [c for c in TRAIN_CHECKS if c is not shard_sources] + [held_out_shard_source, evaluation_data]
+    checks = [c for c in TRAIN_CHECKS if c is not shard_sources]
+    checks += [held_out_shard_source, evaluation_data, benchmark_inputs]
     _raise_if_any(problems_in(cfg, EVALUATE_RULES, checks), "evaluation")
 
 

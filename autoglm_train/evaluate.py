@@ -4,6 +4,11 @@ on held-out shards (retrieval R@1/5/10 both ways) and a zero-shot task, without 
 
 The retrieval pass is the training module's own validation (same gathering, same metric code), so a
 checkpoint scores here exactly what its run's final evaluation reported.
+
+With ``benchmark.dataset`` set, a clip_benchmark dataset (data/clip_benchmark.py) is scored instead: its
+zero-shot classification or retrieval figures under clip_benchmark's names (eval/benchmark.py), prefixed
+``benchmark/``, on one device, in fp32 or under the autocast of ``trainer.precision`` (``bf16-mixed``,
+``16-mixed``: what clip_benchmark's CLI runs without ``--no_amp``).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ def load_model(cfg: DictConfig):
 
         trained = load_trained(cfg.ckpt)
         return trained.model, trained.tokenizer, cfg.get("data") or trained.cfg.data
-    if not cfg.get("data"):
+    if not cfg.get("data") and not cfg.benchmark.dataset:
         raise ValueError(
             "evaluate: without ckpt=PATH, say which shards to score: data=wds data.val_shards=..."
         )
@@ -40,19 +45,11 @@ def load_model(cfg: DictConfig):
             "pretrained family (model=open_clip, model/text_tower=hf)"
         )
     tokenizer = build_tokenizer(cfg.tokenizer, cfg.model, None, "captions", None)
-    return build_model(cfg.model, tokenizer).eval(), tokenizer, cfg.data
+    return build_model(cfg.model, tokenizer).eval(), tokenizer, cfg.get("data")
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    from hydra.utils import instantiate
-    from lightning.pytorch.callbacks import RichProgressBar
-
-    from autoglm_train.build import build_zeroshot
     from autoglm_train.config_check import check_evaluate_config
-    from autoglm_train.eval.zeroshot import zeroshot_metrics
-    from autoglm_train.lit.module import DualEncoderModule
-    from autoglm_train.losses.infonce import InfoNCE
-    from autoglm_train.losses.objective import Objective
     from autoglm_train.train import finish_run, start_run
 
     check_evaluate_config(cfg)  # every bad value at once, before a checkpoint or weights are read
@@ -61,6 +58,76 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     model, tokenizer, data_cfg = load_model(cfg)
     tokenizer.save(output_dir / "tokenizer.json")
+    if cfg.benchmark.dataset:
+        metrics, is_global_zero = score_benchmark(cfg, model, tokenizer, data_cfg), True
+    else:
+        metrics, is_global_zero = score_held_out(cfg, model, tokenizer, data_cfg, output_dir)
+    metrics["time/run_s"] = time.perf_counter() - start
+    if is_global_zero:
+        finish_run(metrics, output_dir)
+    return metrics
+
+
+def score_benchmark(cfg: DictConfig, model, tokenizer, data_cfg: DictConfig | None) -> dict[str, float]:
+    """``benchmark/*``: the clip_benchmark dataset of ``cfg.benchmark``, preprocessed as the model's
+    held-out images are (``eval_transform``)."""
+    from lightning.fabric import Fabric
+
+    from autoglm_train.data.clip_benchmark import RETRIEVAL, open_benchmark
+    from autoglm_train.eval.benchmark import classification_figures, retrieval_figures
+
+    bench = cfg.benchmark
+    dataset = open_benchmark(bench.dataset, bench.root, bench.split)
+    # Lightning picks the device and the autocast of trainer.precision, as the trainer would
+    fabric = Fabric(accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision)
+    model = model.to(fabric.device).eval()
+
+    def under_autocast(encode):
+        def encode_in_context(x):
+            with fabric.autocast():
+                return encode(x)
+
+        return encode_in_context
+
+    encoders = under_autocast(model.encode_image), under_autocast(model.encode_text), tokenizer
+    batches = dataset.batches(eval_transform(model, data_cfg), bench.batch_size, bench.num_workers)
+    if dataset.task == RETRIEVAL:
+        figures = retrieval_figures(
+            *encoders, batches, bench.recall_k, fabric.device, chunk_size=cfg.eval.chunk_size
+        )
+    else:
+        figures = classification_figures(
+            *encoders, batches, dataset.classnames, dataset.templates, fabric.device
+        )
+    log.info("%s (%s, %s): %s", dataset.name, bench.split, dataset.task, figures)
+    return {f"benchmark/{name}": value for name, value in figures.items()}
+
+
+def eval_transform(model, data_cfg: DictConfig | None):
+    """The preprocessing the model's held-out images get: its image tower's, with a run's ``data.image_size``
+    and ``data.crop_pct`` where set (the datamodule's own rule, so the two cannot differ)."""
+    from autoglm_train.lit.datamodule import ShardDataModule
+
+    data_cfg = data_cfg or {}
+    images = ShardDataModule(
+        None, None, image_size=data_cfg.get("image_size"), crop_pct=data_cfg.get("crop_pct")
+    )
+    images.attach(None, model.image_tower.data_config)
+    return images.eval_transform
+
+
+def score_held_out(cfg: DictConfig, model, tokenizer, data_cfg: DictConfig, output_dir) -> tuple[dict, bool]:
+    """Retrieval on held-out shards (the training module's validation) and ``eval.zeroshot``; the metrics
+    and whether this process is rank 0."""
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from autoglm_train.build import build_zeroshot
+    from autoglm_train.eval.zeroshot import zeroshot_metrics
+    from autoglm_train.lit.module import DualEncoderModule
+    from autoglm_train.losses.infonce import InfoNCE
+    from autoglm_train.losses.objective import Objective
+
     data_cfg = copy.deepcopy(data_cfg)
     with open_dict(data_cfg):  # only held-out shards are read: a shard set needs no training part here
         if not data_cfg.get("prepare"):
@@ -103,10 +170,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             cfg.eval.zeroshot.batch_size,
             module.device,
         )
-    metrics["time/run_s"] = time.perf_counter() - start
-    if trainer.is_global_zero:
-        finish_run(metrics, output_dir)
-    return metrics
+    return metrics, trainer.is_global_zero
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")

@@ -296,7 +296,7 @@ def test_the_evaluation_package_knows_no_dataset():
 
     code = (
         "import sys, autoglm_train.eval.zeroshot, autoglm_train.eval.retrieval, "
-        "autoglm_train.eval.run_metrics;"
+        "autoglm_train.eval.run_metrics, autoglm_train.eval.benchmark;"
         "print(sorted(m for m in sys.modules if m.startswith('autoglm_train.data')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -31,7 +31,7 @@ def retrieval_metrics(
     ks: tuple[int, ...] = (1, 5, 10),
     chunk_size: int = 1024,
 ) -> dict[str, float]:
-    """Keys ``i2t_r{k}``, ``t2i_r{k}`` and ``r1_mean`` (fractions in [0, 1]).
+    """Keys ``i2t_r{k}``, ``t2i_r{k}`` and, where 1 is among ``ks``, ``r1_mean`` (fractions in [0, 1]).
 
     ``image_ids`` (N) identify images; ``text_image_ids`` (M) name each caption's image. Embeddings are
     compared by dot product (pass normalized embeddings for cosine similarity).
@@ -51,7 +51,8 @@ def retrieval_metrics(
     i2t = _hits_at_k(image_emb, image_ids, text_emb, text_image_ids, ks, chunk_size)
     t2i = _hits_at_k(text_emb, text_image_ids, image_emb, image_ids, ks, chunk_size)
     out = {f"i2t_r{k}": v for k, v in i2t.items()} | {f"t2i_r{k}": v for k, v in t2i.items()}
-    out["r1_mean"] = (out["i2t_r1"] + out["t2i_r1"]) / 2
+    if 1 in ks:
+        out["r1_mean"] = (out["i2t_r1"] + out["t2i_r1"]) / 2
     return out
 
 

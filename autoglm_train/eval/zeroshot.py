@@ -39,7 +39,8 @@ def build_classifier(
 ) -> torch.Tensor:
     """Class embeddings ``[num_classes, dim]`` (fp32, unit rows) from prompt ensembles.
 
-    Every template is ``str.format``-ed with the class name; the prompts are encoded in batches of
+    Every template is ``str.format``-ed with the class name, at ``{}`` or ``{c}`` (clip_benchmark's
+    templates name it); the prompts are encoded in batches of
     ``batch_size`` (all classes together, so few calls), each embedding normalized (again: a model's own
     normalization may run in lower precision), averaged over templates, and the mean re-normalized.
     Averaging over many phrasings cancels what one wording adds and keeps what the class name adds.
@@ -47,7 +48,7 @@ def build_classifier(
     """
     if not classnames or not templates:
         raise ValueError("zero-shot classification needs at least one class name and one template")
-    texts = [t.format(name) for name in classnames for t in templates]
+    texts = [t.format(name, c=name) for name in classnames for t in templates]
     chunks = [
         F.normalize(encode_text(tokenizer(texts[i : i + batch_size]).to(device)).float(), dim=-1)
         for i in range(0, len(texts), batch_size)
