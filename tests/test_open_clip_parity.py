@@ -179,7 +179,6 @@ def our_run(tiny: TinyCLIP, batches, tmp_path) -> tuple[list[float], dict[str, t
     return recorder.values, export_open_clip_state_dict(model), module
 
 
-@pytest.mark.slow
 def test_experiment_trains_step_for_step_as_open_clip_train(tiny, tmp_path):
     batches = fixed_batches(tiny)
     theirs, their_state = open_clip_train_run(tiny, copy.deepcopy(batches))
