@@ -361,6 +361,7 @@ OPTIMIZER_RULES = [  # AdamW's own limits, checked before the data is made rathe
     number("optimizer.weight_decay", 0),
     number("optimizer.eps", 0),
     custom("optimizer.betas", "two numbers in [0, 1)", is_betas),
+    flag("optimizer.fused", null=True),  # null: torch's default kernel (open_clip_parity)
     number("optimizer.image_layer_decay", 0, 1, low_open=True, null=True),
     number("optimizer.text_layer_decay", 0, 1, low_open=True, null=True),
     integer("scheduler.warmup_steps", 0),

@@ -65,6 +65,32 @@ def split_trainer_config(cfg: DictConfig) -> tuple[DictConfig, int, float | None
     return trainer_cfg, chunks, grad_clip
 
 
+def build_module(cfg: DictConfig, model, tokenizer_json: str | None = None) -> DualEncoderModule:
+    """The LightningModule of a composed config around ``model``: the objective, the momentum encoder, the
+    optimizer and its schedule, gradient caching and the evaluation settings."""
+    momentum = None
+    if cfg.momentum.enabled:
+        momentum = MomentumEncoder(model, cfg.momentum.m, cfg.momentum.schedule, cfg.trainer.max_steps)
+    _, grad_cache_chunks, grad_clip = split_trainer_config(cfg)
+    optimizer_cfg, image_layer_decay, text_layer_decay = split_optimizer_config(cfg.optimizer)
+    return DualEncoderModule(
+        model,
+        build_objective(cfg.loss, model, cfg.seed),
+        optimizer=instantiate(optimizer_cfg),
+        image_layer_decay=image_layer_decay,
+        text_layer_decay=text_layer_decay,
+        warmup_steps=cfg.scheduler.warmup_steps,
+        min_lr_ratio=cfg.scheduler.min_lr_ratio,
+        eval_chunk_size=cfg.eval.chunk_size,
+        rerank_k=int(cfg.eval.get("rerank", {}).get("k") or 0),
+        rerank_score=cfg.eval.get("rerank", {}).get("score", "itm"),
+        tokenizer_json=tokenizer_json,
+        momentum=momentum,
+        grad_cache_chunks=grad_cache_chunks,
+        grad_clip=grad_clip,
+    )
+
+
 def find_resume_checkpoint(output_dir: Path) -> Path | None:
     """The newest checkpoint a requeued (or re-run) job left in its own run directory: Lightning's
     preemption checkpoint (``hpc_ckpt_N.ckpt``, written on Slurm's warning signal) or the periodic
@@ -175,30 +201,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
         ),
     )
 
-    objective = build_objective(cfg.loss, model, cfg.seed)
-    momentum = None
-    if cfg.momentum.enabled:
-        momentum = MomentumEncoder(model, cfg.momentum.m, cfg.momentum.schedule, cfg.trainer.max_steps)
-    trainer_cfg, grad_cache_chunks, grad_clip = split_trainer_config(cfg)
+    trainer_cfg, grad_cache_chunks, _ = split_trainer_config(cfg)
     if notice := batch_norm_notice(model, grad_cache_chunks):
         log.warning(notice)
-    optimizer_cfg, image_layer_decay, text_layer_decay = split_optimizer_config(cfg.optimizer)
-    module = DualEncoderModule(
-        model,
-        objective,
-        optimizer=instantiate(optimizer_cfg),
-        image_layer_decay=image_layer_decay,
-        text_layer_decay=text_layer_decay,
-        warmup_steps=cfg.scheduler.warmup_steps,
-        min_lr_ratio=cfg.scheduler.min_lr_ratio,
-        eval_chunk_size=cfg.eval.chunk_size,
-        rerank_k=int(cfg.eval.get("rerank", {}).get("k") or 0),
-        rerank_score=cfg.eval.get("rerank", {}).get("score", "itm"),
-        tokenizer_json=tokenizer.to_json(),
-        momentum=momentum,
-        grad_cache_chunks=grad_cache_chunks,
-        grad_clip=grad_clip,
-    )
+    module = build_module(cfg, model, tokenizer.to_json())
     timer, core = TrainTimer(), core_callbacks(int(cfg.trainer.get("skip_nonfinite_steps") or 0))
     run_state = core[0]
     callbacks = [*core]

@@ -34,6 +34,7 @@ BAD_TRAINING = [
     (["loss.distill_alpha=1.5"], "loss.distill_alpha"),
     (["optimizer.lr=-0.001"], "optimizer.lr"),
     (["optimizer.text_layer_decay=0"], "optimizer.text_layer_decay"),
+    (["optimizer.fused=sometimes"], "optimizer.fused"),
     (["model.text_tower.heads=3"], "model.text_tower.width"),  # 64 channels over 3 heads
     (["model.text_tower.pool=eos"], "model.text_tower.pool"),  # a Hugging Face tower's, not ours
     (["model.image_tower.patch_dropout=1.0"], "model.image_tower.patch_dropout"),

@@ -131,8 +131,10 @@ class ShardDataModule(L.LightningDataModule):
         self, tokenizer, model_data_config: dict, trim_text: bool = False, text_negatives=None
     ) -> None:
         """``model_data_config``: the image tower's ``data_config`` (the preprocessing its weights
-        expect); ``image_size`` overrides its input size when set. ``trim_text``: batches drop the token
-        columns that are padding in every row (for a text tower that masks padding, so the same output).
+        expect); ``image_size`` overrides its input size when set, unless the tower takes one size only
+        (``fixed_input_size``: open_clip towers, ViTs), which the images then follow (``input_size``).
+        ``trim_text``: batches drop the token columns that are padding in every row (for a text tower that
+        masks padding, so the same output).
         ``text_negatives`` (a data/caption_negatives.py generator): training batches carry each caption's
         generated negatives."""
         self.tokenizer = tokenizer
@@ -140,9 +142,8 @@ class ShardDataModule(L.LightningDataModule):
         if trim_text and tokenizer is not None:
             self.tokenizer = functools.partial(tokenize_trimmed, tokenizer)  # pickles into spawned workers
         cfg = timm.data.resolve_data_config(model_data_config)
-        size = self.image_size or cfg["input_size"][-1]
         common = {
-            "input_size": (3, size, size),
+            "input_size": self.input_size(cfg["input_size"], bool(model_data_config.get("fixed_input_size"))),
             "interpolation": cfg["interpolation"],
             "mean": cfg["mean"],
             "std": cfg["std"],
@@ -155,6 +156,25 @@ class ShardDataModule(L.LightningDataModule):
             self.train_transform = timm.data.create_transform(**common, is_training=True, **self.augment)
         else:
             self.train_transform = self.eval_transform
+
+    def input_size(self, model_size: tuple[int, int, int], fixed: bool) -> tuple[int, int, int]:
+        """``data.image_size`` (square) where set, else the tower's own size; a tower that takes its own
+        size only gets it whatever ``data.image_size`` says (e.g. the shapes set's 64 px rendered for a
+        224 px open_clip ViT: its position embeddings fit one grid), and the run says so."""
+        model_size = tuple(int(x) for x in model_size)
+        if not self.image_size:
+            return model_size
+        wanted = (3, int(self.image_size), int(self.image_size))
+        if fixed and wanted != model_size:
+            log.warning(
+                "data.image_size=%d is not used: the image tower takes %dx%d images only, so images are "
+                "resized to %dx%d (data.image_size=null follows the model without this message)",
+                self.image_size,
+                *model_size[1:],
+                *model_size[1:],
+            )
+            return model_size
+        return wanted
 
     def _loader(self, train: bool) -> DataLoader:
         if self.tokenizer is None:

@@ -138,8 +138,13 @@ class DualEncoderModule(L.LightningModule):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        self._update_momentum()
+        self._after_optimizer_step()
         return out, self.model.logit_scale().detach()
+
+    def _after_optimizer_step(self) -> None:
+        # the learned temperature back under its cap (CLIP's clamp, after the step), then the EMA follows
+        self.model.clamp_logit_scale_()
+        self._update_momentum()
 
     def _update_momentum(self) -> None:
         if self.momentum is not None:
@@ -149,7 +154,7 @@ class DualEncoderModule(L.LightningModule):
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         # once per optimizer step, not per micro-batch: Lightning calls this only when it steps
-        self._update_momentum()
+        self._after_optimizer_step()
 
     def configure_model(self) -> None:
         # a sharding strategy (distributed/fsdp.py) shards here: the process group and mesh exist by now.

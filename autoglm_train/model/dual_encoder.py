@@ -95,7 +95,10 @@ class DualEncoder(nn.Module):
     """``forward(images, tokens) -> (image_emb, text_emb, logit_scale)``, embeddings unit-norm.
 
     The temperature is learned as a log logit scale (CLIP): initialized to log(1/init_temperature),
-    applied as exp(.) clamped at ``max_logit_scale`` so it cannot run away.
+    applied as exp(.), never above ``max_logit_scale``. The trainer clamps the parameter itself after each
+    optimizer step (``clamp_logit_scale_``, as CLIP and open_clip do); the forward only caps the value, its
+    gradient passing as if uncapped, so a scale at the cap still learns (a plain ``clamp`` would give it no
+    gradient: released CLIP weights sit exactly at log 100 and their temperature would never move).
 
     Locking (LiT): ``lock_image`` freezes the image tower but its last ``lock_image_unlocked_groups``
     groups (``lock_image_freeze_bn`` also fixes the frozen part's batch-norm statistics); ``lock_text``
@@ -247,7 +250,15 @@ class DualEncoder(nn.Module):
         return bool(getattr(self.text_tower, "trim_padding", False))
 
     def logit_scale(self) -> torch.Tensor:
-        return self.log_logit_scale[0].clamp(max=self.max_log_scale).exp()
+        log_scale = self.log_logit_scale[0]
+        # the capped value with the uncapped gradient (exactly log_scale wherever it is under the cap)
+        capped = log_scale - (log_scale - log_scale.clamp(max=self.max_log_scale)).detach()
+        return capped.exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Bring the parameter back under ``max_logit_scale``: called after every optimizer step."""
+        self.log_logit_scale.clamp_(max=self.max_log_scale)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
         return self._encode_image(images), self._encode_text(tokens), self.logit_scale()

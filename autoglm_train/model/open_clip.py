@@ -27,7 +27,7 @@ from timm.models import group_parameters
 from torch import nn
 
 from autoglm_train.model.dual_encoder import DualEncoder
-from autoglm_train.model.towers import LockableTower
+from autoglm_train.model.towers import LockableTower, timm_fixed_input_size, with_fixed_size
 from autoglm_train.model.weights import MissingWeightsError, ensure_hub_files
 
 log = logging.getLogger(__name__)
@@ -226,7 +226,7 @@ class OpenCLIPImageTower(LockableTower):
         resize_mode = pp.get("resize_mode", "shortest")
         if resize_mode not in ("shortest", "squash"):
             log.warning("open_clip resize_mode=%r has no timm equivalent; using a center crop", resize_mode)
-        return {
+        config = {
             "input_size": (3, int(height), int(width)),
             "interpolation": pp.get("interpolation", "bicubic"),
             "mean": tuple(pp.get("mean", open_clip.OPENAI_DATASET_MEAN)),
@@ -234,6 +234,19 @@ class OpenCLIPImageTower(LockableTower):
             "crop_pct": 1.0,
             "crop_mode": CROP_MODES.get(resize_mode, "center"),
         }
+        return with_fixed_size(config, self.fixed_input_size)
+
+    @property
+    def fixed_input_size(self) -> tuple[int, int] | None:
+        """The one input size the tower takes: open_clip's ViT and ModifiedResNet add position embeddings
+        of one grid (no interpolation); a timm trunk (``TimmModel``) follows timm's rule."""
+        if hasattr(self.visual, "trunk"):
+            return timm_fixed_input_size(self.visual.trunk)
+        size = getattr(self.visual, "image_size", None)
+        if size is None:
+            return None
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return int(height), int(width)
 
     @property
     def pretrained_cfg(self) -> dict:

@@ -3,7 +3,8 @@
 Every tower speaks one small protocol that the dual encoder, the optimizer and the launchers rely on:
 ``width`` (features out), ``lock(...)`` (LiT: freeze all but the last groups), ``set_grad_checkpointing``,
 ``layer_ids()`` (parameter name -> depth, for layer-wise learning-rate decay) and, for image towers,
-``data_config`` (input size, mean, std, interpolation, crop_pct of the weights' preprocessing).
+``data_config`` (input size, mean, std, interpolation, crop_pct of the weights' preprocessing; with
+``fixed_input_size: True`` when the tower takes that input size only, so the data must follow it).
 """
 
 from __future__ import annotations
@@ -54,6 +55,24 @@ class LockableTower(nn.Module):
             with torch.no_grad():
                 return self._forward_tokens(inputs)
         return self._forward_tokens(inputs)
+
+
+def timm_fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """``(height, width)`` where a timm model takes inputs of that size only, else None: models that embed
+    patches with timm's ``PatchEmbed`` in strict mode (ViTs, DeiT, Swin, ... unless built with
+    ``dynamic_img_size=True``), whose position embeddings are sized for one grid."""
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is None or not getattr(patch_embed, "strict_img_size", False):
+        return None
+    height, width = patch_embed.img_size
+    return int(height), int(width)
+
+
+def with_fixed_size(config: dict, size: tuple[int, int] | None) -> dict:
+    """A ``data_config`` marked as the one input size the tower takes (when ``size`` is not None)."""
+    if size is None:
+        return config
+    return {**config, "input_size": (3, *size), "fixed_input_size": True}
 
 
 def check_image_weights(name: str, pretrained: bool, checkpoint: str | None) -> None:
@@ -125,9 +144,11 @@ class ImageTower(LockableTower):
 
     @property
     def data_config(self) -> dict:
-        """The preprocessing the weights expect (timm's resolution: input_size, mean, std, ...)."""
+        """The preprocessing the weights expect (timm's resolution: input_size, mean, std, ...); a ViT's
+        input size is the one its patch embedding was built for."""
         # from the backbone, whose pretrained_cfg may be gone (a quantized or traced copy): timm's defaults
-        return timm.data.resolve_data_config({}, model=self.backbone)
+        config = timm.data.resolve_data_config({}, model=self.backbone)
+        return with_fixed_size(config, timm_fixed_input_size(self.backbone))
 
     def _groups(self) -> dict[int, list[str]]:
         return group_parameters(self.backbone, self.backbone.group_matcher(coarse=False))
