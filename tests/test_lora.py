@@ -208,3 +208,35 @@ def test_lora_keys_are_checked_at_start_up(tiny_cfg):
         "the image tower's LoRA adapters change its output every step",
     ):
         assert expected in message, message
+    with pytest.raises(ConfigError, match="LoRA is not combined with FSDP"):
+        check_train_config(tiny_cfg("model.lora.enabled=true", "trainer=fsdp_cpu", "trainer.devices=2"))
+
+
+@pytest.mark.slow
+def test_a_lora_run_resumes_and_evaluate_scores_its_checkpoint(shapes_dir, tmp_path, monkeypatch):
+    from conftest import TINY, train_run
+    from test_evaluate import RETRIEVAL, evaluate_run
+
+    from autoglm_train.model.weights import load_checkpoint
+
+    monkeypatch.setenv("AUTOGLM_DATA_DIR", str(shapes_dir))
+    lora = ["model.lora.enabled=true", "eval.zeroshot.task=null"]
+    trained = train_run([*TINY, *lora, "trainer.max_steps=4"], tmp_path / "train")
+    ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
+    state = load_checkpoint(ckpt)["state_dict"]
+    assert any(".lora_B." in k for k in state) and any(".base_layer." in k for k in state)
+    scored = evaluate_run([f"ckpt={ckpt}"], tmp_path / "eval")
+    for key in RETRIEVAL:
+        assert scored[key] == pytest.approx(trained[key], abs=1e-9), key
+    # resumed from it (the same config rebuilds the same adapters): two more steps, the base untouched
+    train_run([*TINY, *lora, "trainer.max_steps=6", f"ckpt_path={ckpt}"], tmp_path / "resumed")
+    resumed = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    assert resumed["global_step"] == 6
+    for name, value in state.items():
+        if (
+            name.startswith("model.image_tower.")
+            and ".lora_" not in name
+            and "running_" not in name
+            and "num_batches" not in name
+        ):
+            assert torch.equal(resumed["state_dict"][name], value), name
