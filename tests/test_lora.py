@@ -20,10 +20,10 @@ from autoglm_train.model.towers import ImageTower, TextTower
 LORA = {"enabled": True, "rank": 4, "alpha": 8, "dropout": 0.0, "targets": {"image": None, "text": None}}
 
 
-def timm_and_ours(lora=LORA, **options):
+def timm_and_ours(lora=LORA, vocab_size=60, **options):
     torch.manual_seed(0)
     image = ImageTower("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
-    return DualEncoder(image, TextTower(60, 32, 2, 2, 16), embed_dim=16, lora=lora, **options)
+    return DualEncoder(image, TextTower(vocab_size, 32, 2, 2, 16), embed_dim=16, lora=lora, **options)
 
 
 def hf_text(tmp_path, lora=LORA, **options):
@@ -153,11 +153,11 @@ def test_the_onnx_export_serves_the_merged_model(tmp_path):
     from autoglm_train.compress.serving import OrtDualEncoder
     from autoglm_train.data.tokenizer import train_bpe
 
-    model = timm_and_ours()
+    tokenizer = train_bpe(["a small red circle at the top left", "two blue squares"] * 20, 60, 16, 1)
+    model = timm_and_ours(vocab_size=tokenizer.vocab_size)
     for module in model.modules():  # trained-looking adapters (B starts at zero)
         if isinstance(module, LoraLayer):
             torch.nn.init.normal_(module.lora_B["default"].weight, std=0.2)
-    tokenizer = train_bpe(["a small red circle at the top left", "two blue squares"] * 20, 60, 16, 1)
     images, _ = inputs(3)
     export_model(model, tokenizer, tmp_path / "fp32", {"input_size": [3, 32, 32]}, images)
     meta = json.loads((tmp_path / "fp32" / "export.json").read_text())
