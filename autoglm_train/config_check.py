@@ -264,6 +264,13 @@ def is_prompt_template(t: Any) -> bool:
         return False
 
 
+LORA_TARGETS = "a list of glob patterns over the tower's module names ([]: no adapters; null: defaults)"
+
+
+def is_lora_targets(v: Any) -> bool:
+    return isinstance(v, list | ListConfig) and all(isinstance(t, str) and t for t in v)
+
+
 def is_device_count(v: Any) -> bool:
     """Lightning's ``devices``: "auto", -1 (all), a count >= 1, or device indices (a list, "0,1")."""
     if v == "auto" or v == -1 or v == "-1":
@@ -475,6 +482,12 @@ MODEL_RULES = [
     flag("model.lock_text"),
     integer("model.lock_text_unlocked_layers", 0),
     flag("model.grad_checkpointing"),
+    flag("model.lora.enabled"),
+    integer("model.lora.rank", 1),
+    number("model.lora.alpha", 0, low_open=True),
+    number("model.lora.dropout", 0, 1, high_open=True),
+    custom("model.lora.targets.image", LORA_TARGETS, is_lora_targets, null=True),
+    custom("model.lora.targets.text", LORA_TARGETS, is_lora_targets, null=True),
     # true is towers (the key was a flag before step existed); step compiles the training step's forward and
     # loss as one function (lit/compiled_step.py)
     custom(
@@ -836,6 +849,11 @@ def feature_cache(cfg: DictConfig) -> list[str]:
             f"model.lock_image_unlocked_groups=0 (got lock_image={show(value_of(cfg, 'model.lock_image'))}, "
             f"unlocked groups {show(groups)})"
         )
+    if value_of(cfg, "model.lora.enabled") is True and value_of(cfg, "model.lora.targets.image") != []:
+        problems.append(
+            "model.cache_locked_features=true: the image tower's LoRA adapters change its output every step; "
+            "set model.lora.targets.image=[] (adapters in the text tower only) or model.lora.enabled=false"
+        )
     if value_of(cfg, "data.augment") not in (None, {}):
         problems.append(
             "model.cache_locked_features=true: needs data.augment=null (the features must not change)"
@@ -907,6 +925,13 @@ def sharding(cfg: DictConfig) -> list[str]:
         problems.append(
             f"model.compile={show(value_of(cfg, 'model.compile'))}: compiling is not combined with FSDP yet; "
             "use model.compile=false, or trainer=ddp"
+        )
+    if value_of(cfg, "model.lora.enabled") is True:
+        # not run yet: FSDP2 units would hold frozen base weights and trainable adapters together, and the
+        # sharded checkpoint and merge paths have not been checked with peft's modules
+        problems.append(
+            "model.lora.enabled=true: LoRA is not combined with FSDP yet (not tested); use trainer=ddp or "
+            "trainer=ddp_cpu (the frozen base stays out of DDP's reducer, so only adapters are all-reduced)"
         )
     if value_of(cfg, "model.cache_locked_features"):
         problems.append(

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from autoglm_train.compress.load import load_trained, run_dir_of
 from autoglm_train.distributed.fsdp import is_checkpoint
+from autoglm_train.model.lora import merge_
 from autoglm_train.model.open_clip import export_open_clip_state_dict, open_clip_load_call, open_clip_spec
 from autoglm_train.model.weights import load_checkpoint
 
@@ -64,7 +65,8 @@ def export_checkpoint(ckpt: str | Path, out: str | Path | None = None) -> tuple[
     spec = open_clip_spec(trained.model)
     out = Path(out) if out else trained.run_dir / f"open_clip_{spec.name}.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(export_open_clip_state_dict(trained.model, trained_logit_bias(ckpt)), out)
+    model = merge_(trained.model)  # LoRA adapters folded in: open_clip's own keys and modules
+    torch.save(export_open_clip_state_dict(model, trained_logit_bias(ckpt)), out)
     return out, open_clip_load_call(spec, out.resolve())
 
 

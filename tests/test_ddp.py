@@ -2,6 +2,7 @@
 the global batch, and each compression hook really attached and within its expected error."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -51,7 +52,8 @@ def make_module(loss: str) -> DualEncoderModule:
     torch.manual_seed(0)  # no batch norm: per-rank statistics would differ from the global batch's
     image_tower = ImageTower("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
     fusion = {"layers": 1, "heads": 2} if "fusion" in loss else None
-    model = DualEncoder(image_tower, TextTower(50, 32, 1, 2, 8), embed_dim=16, fusion=fusion)
+    lora = {"enabled": True, "rank": 2, "alpha": 4, "targets": {}} if "lora" in loss else None
+    model = DualEncoder(image_tower, TextTower(50, 32, 1, 2, 8), embed_dim=16, fusion=fusion, lora=lora)
     term = TripletLoss(margin=0.2, mining="semihard") if loss == "triplet" else InfoNCE()
     # SGD, not Adam: Adam turns float noise in near-zero gradients (e.g. attention key biases) into
     # full-size updates, which would hide a real difference behind an arbitrary tolerance
@@ -205,6 +207,24 @@ def test_powersgd_is_attached_and_sends_a_low_rank_projection(tmp_path, uncompre
         residual = matrix - c
         assert (residual * c).sum().abs() <= 1e-3 * matrix.norm() ** 2 + 1e-9, name
     assert compressed > 0
+
+
+def test_lora_adapters_train_under_powersgd_and_resume(tmp_path):
+    # adapters in both towers, their gradients through PowerSGD; the run is saved and resumed a step
+    options = dict(powersgd_rank=1, powersgd_start_iter=2, error_feedback=True)
+    ranks = run_two_ranks(tmp_path, loss="infonce+lora", compression="powersgd", **options)
+    initial = make_module("infonce+lora").state_dict()
+    assert ranks[0]["hook"] == "powerSGD_hook" and ranks[0]["resumed"]["iter"] == STEPS + 1
+    assert all(math.isfinite(x) for x in ranks[0]["losses"])
+    for name, value in ranks[0]["params"].items():
+        torch.testing.assert_close(ranks[1]["params"][name], value, atol=0, rtol=0)  # the ranks agree
+        head = name.startswith(("model.image_proj.", "model.text_proj."))
+        trained = head or ".lora_" in name or "log_logit_scale" in name
+        if ".lora_B." in name or head:
+            assert not torch.equal(value, initial[name]), name
+        elif not trained:
+            assert torch.equal(value, initial[name]), name  # the frozen base, bit for bit
+    assert any(".lora_B." in n for n in ranks[0]["params"])
 
 
 def gather_worker(rank: int, port: int, out_dir: str) -> None:

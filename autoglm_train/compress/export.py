@@ -29,6 +29,7 @@ from autoglm_train.compress.serving import (
     TEXT_FILE,
     TOKENIZER_FILE,
 )
+from autoglm_train.model.lora import merge_
 from autoglm_train.utils.files import atomic_write_text
 
 OPSET = 18
@@ -146,7 +147,7 @@ def export_model(
     ``export.json``; returns ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = copy.deepcopy(model).float().eval()
+    model = merge_(copy.deepcopy(model)).float().eval()  # LoRA adapters folded in: no adapter code served
     # trimming inside the graph would freeze the example's caption length into it: the caller trims (the
     # sequence dimension is dynamic, up to the context length)
     trims = model.text_trims_padding

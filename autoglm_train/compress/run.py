@@ -26,6 +26,7 @@ from autoglm_train.compress.serving import OrtDualEncoder
 from autoglm_train.compress.tp_prune import tp_prune_model
 from autoglm_train.config_check import check_compress_config
 from autoglm_train.losses.infonce import infonce_loss
+from autoglm_train.model.lora import merge_
 from autoglm_train.utils.files import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,8 @@ def run(cfg: DictConfig) -> dict:
         "tokens": val_batches[0]["text"][:n].repeat(-(-n // len(val_batches[0]["text"])), 1)[:n],
     }
     preprocess = datamodule.eval_transform_args
-    original = trained.model.eval()
+    # LoRA adapters folded into the weights: the pruner, the report and the exports see plain layers
+    original = merge_(trained.model).eval()
 
     teacher = frozen_copy(original) if cfg.finetune.distill else None
 

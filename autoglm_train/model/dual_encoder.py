@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoglm_train.model.fusion import FusionEncoder, TokenStates
+from autoglm_train.model.lora import add_lora, lora_options
 
 PROJECTIONS = ("linear", "lowrank", "mlp", "none")
 # model.compile: false, true (= towers, what the flag meant before step existed), towers, step
@@ -111,6 +112,11 @@ class DualEncoder(nn.Module):
     ``cache_locked_features`` (a wholly locked image tower) marks the run for lit/feature_cache.py;
     ``encode_image`` then also takes the tower's features (2-D) in place of images (4-D).
 
+    ``lora`` (``{"enabled", "rank", "alpha", "dropout", "targets": {"image", "text"}}``) puts LoRA adapters
+    into the towers (model/lora.py) after locking: a tower with adapters trains only them (and what a lock
+    left unlocked); heads and the temperature train as without. A wholly locked tower with adapters stays
+    in eval mode (batch-norm statistics, no dropout) but runs with autograd, for its adapters.
+
     ``fusion`` (``{"layers": N, "heads": H}``, N > 0) adds the fusion stage (model/fusion.py):
     ``encode_tokens`` gives the embeddings together with both towers' token states, ``itm_logits`` scores
     (image, caption) pairs from them; with ``tower_grad: false`` those states are detached, so the itm
@@ -136,6 +142,7 @@ class DualEncoder(nn.Module):
         compile: bool | str = False,
         cache_locked_features: bool = False,
         fusion: Mapping | None = None,
+        lora: Mapping | None = None,
     ):
         super().__init__()
         if init_temperature <= 0:
@@ -165,6 +172,12 @@ class DualEncoder(nn.Module):
             self.text_tower.lock(lock_text_unlocked_layers)
         elif lock_text_unlocked_layers:
             raise ValueError("model.lock_text_unlocked_layers needs model.lock_text=true")
+        self.lora_towers = self._add_lora(lora_options(lora), lock_image, lock_text)
+        if cache_locked_features and "image" in self.lora_towers:
+            raise ValueError(
+                "model.cache_locked_features=true caches the image tower's output, which its LoRA adapters "
+                "change every step: set model.lora.targets.image=[] or model.cache_locked_features=false"
+            )
         if grad_checkpointing:
             self.image_tower.set_grad_checkpointing(True)
             self.text_tower.set_grad_checkpointing(True)
@@ -201,6 +214,31 @@ class DualEncoder(nn.Module):
         if self.compile_mode == "towers":  # nn.Module.compile: the module keeps its own state dict keys
             self.image_tower.compile()
             self.text_tower.compile()
+
+    def _add_lora(self, options: dict | None, lock_image: bool, lock_text: bool) -> tuple[str, ...]:
+        """Adapters into the towers ``options`` target; the towers that got some."""
+        if options is None:
+            return ()
+        adapted = []
+        for side, tower, locked in (
+            ("image", self.image_tower, lock_image),
+            ("text", self.text_tower, lock_text),
+        ):
+            targets = options["targets"][side]
+            if targets is not None and len(targets) == 0:  # []: this tower trains (or locks) as configured
+                continue
+            count = add_lora(
+                tower,
+                targets,
+                options["rank"],
+                options["alpha"],
+                options["dropout"],
+                side,
+                keep_trainable=locked,
+            )
+            if count:
+                adapted.append(side)
+        return tuple(adapted)
 
     # encode_image/encode_text are entry points of their own (FSDP registers them to gather the heads), so
     # forward calls the private twins: a registered method called inside forward would reshard too early

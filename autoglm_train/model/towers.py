@@ -38,12 +38,14 @@ class LockableTower(nn.Module):
     dropout, no patch dropout) and runs without autograd. Subclasses compute in ``_forward``."""
 
     locked = False
+    # LoRA adapters inside (model/lora.py): a locked tower still stays in eval mode, but runs with autograd
+    adapted = False
 
     def train(self, mode: bool = True):
         return super().train(mode and not self.locked)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        if self.locked:
+        if self.locked and not self.adapted:
             with torch.no_grad():
                 return self._forward(inputs)
         return self._forward(inputs)
@@ -51,7 +53,7 @@ class LockableTower(nn.Module):
     def forward_tokens(self, inputs: torch.Tensor) -> tuple:
         """``(pooled, tokens, ...)``: the pooled features ``forward`` gives, and the per-token states of the
         same pass (for the fusion stage: model/fusion.py)."""
-        if self.locked:
+        if self.locked and not self.adapted:
             with torch.no_grad():
                 return self._forward_tokens(inputs)
         return self._forward_tokens(inputs)
