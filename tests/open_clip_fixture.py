@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import open_clip
+import pytest
 import torch
 
 from autoglm_train.data.open_clip_tokenizer import OpenCLIPTokenizer
@@ -53,3 +54,12 @@ class TinyCLIP:
 
     def tokenizer(self) -> OpenCLIPTokenizer:
         return OpenCLIPTokenizer(self.name, None, str(self.config))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: a second thread gains nothing and stalls (5x and more) when the cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

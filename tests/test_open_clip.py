@@ -18,7 +18,7 @@ import torch
 from conftest import compose_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from open_clip_fixture import TinyCLIP
+from open_clip_fixture import TinyCLIP, one_thread  # noqa: F401 (autouse: one thread here)
 
 from autoglm_train.data.open_clip_tokenizer import OpenCLIPTokenizer, is_open_clip_tokenizer_json
 from autoglm_train.export_open_clip import main as export_main
@@ -33,15 +33,6 @@ from autoglm_train.model.open_clip import (
 from autoglm_train.model.weights import MissingWeightsError
 
 CAPTIONS = ["a small red circle at the top left", "two blue squares!", "a large green diamond"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: a second thread gains nothing and stalls (5x and more) when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import compose_config
 from hydra.utils import instantiate
-from open_clip_fixture import TinyCLIP
+from open_clip_fixture import TinyCLIP, one_thread  # noqa: F401 (autouse: one thread here)
 from open_clip_train.scheduler import cosine_lr
 from open_clip_train.train import train_one_epoch
 from PIL import Image
@@ -37,14 +37,6 @@ from autoglm_train.train import build_module, core_callbacks, split_trainer_conf
 
 STEPS, BATCH, WARMUP, LR, CLIP_NORM = 12, 8, 3, 2e-3, 1.0
 PAIRS = 16  # captions drawn again and again, so the model learns and its logit scale is pushed both ways
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
