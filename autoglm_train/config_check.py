@@ -649,6 +649,13 @@ COMPRESS_RULES = [
     integer("quantize.calibration_batches", 1),
     one_of("quantize.image", QUANT_MODES),
     one_of("quantize.text", QUANT_MODES),
+    custom(
+        "quantize.exclude",
+        "auto, or a list of node names kept fp32",
+        lambda v: v == "auto" or (isinstance(v, list) and all(isinstance(x, str) and x for x in v)),
+    ),
+    number("quantize.min_cosine", 0, 1, low_open=True),  # 1 asks for no change at all: every node fp32
+    integer("quantize.sensitivity_batches", 1),
     integer("data.num_workers", 0),
     integer("report.latency_batch", 1),
     integer("report.repeats", 1),

@@ -18,7 +18,7 @@ from conftest import TINY, shapes_set
 
 from autoglm_train.compress.export import export_model, graphs_size
 from autoglm_train.compress.prune import convert_text_tower, estimate_flops
-from autoglm_train.compress.quantize import quantize_export
+from autoglm_train.compress.quantize import quantize_export, read_quantization
 from autoglm_train.compress.report import count_flops
 from autoglm_train.compress.serving import OrtDualEncoder, load_exported
 from autoglm_train.data.tokenizer import train_bpe
@@ -103,6 +103,47 @@ def test_int8_graphs_run_int8_kernels_and_stay_close_to_fp32(model, tokenizer, e
     # an untrained 64-wide transformer is int8's worst case (what counts, recall on a trained model, is
     # checked by the compression job's test); a broken graph would be near 0
     assert text_cos.min() > 0.85
+
+
+def test_quantize_exclude_auto_reaches_the_target_held_out_and_records_what_it_kept(
+    tokenizer, exports, tmp_path
+):
+    # static QDQ on the text graph, the case that lost 10 points whole; the image graph left fp32 keeps
+    # the test short
+    calibration = [batch(tokenizer, 16, seed=s)[1] for s in (1, 2)]
+    quantize_export(exports / "fp32", tmp_path / "auto", [], calibration, "none", "static", "auto", 0.99)
+    done = read_quantization(tmp_path / "auto")
+    assert done["image"] == {"mode": "none", "excluded": [], "nodes": 0}
+    text = done["text"]
+    assert text["reached"] and text["selection_cosine"] >= 0.99
+    assert 0 < len(text["excluded"]) < text["nodes"] == len(text["effects"])
+    assert json.loads((tmp_path / "auto" / "export.json").read_text())["precision"] == (
+        f"int8 (image none, text static; {len(text['excluded'])} text nodes fp32)"
+    )
+    # the matmuls kept fp32 read their weights in fp32; the others read int8 weights through a Dequantize
+    # (only matmuls: the untrained tower's equal layer-norm scales are one initializer the exporter shares)
+    graph = onnx.load(str(tmp_path / "auto" / "text_encoder.onnx")).graph
+    weights = {i.name for i in graph.initializer}
+    dequantized = {
+        n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights
+    }
+    matmuls = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")]
+    int8_weights = {n.name for n in matmuls if dequantized & set(n.input)}
+    float_weights = {n.name for n in matmuls if weights & set(n.input[1:])}
+    assert int8_weights and not int8_weights & set(text["excluded"])
+    assert float_weights & set(text["excluded"])
+    # held out: captions the selection never saw
+    tokens = tokenizer(
+        [f"a {s} blue circle at the top {p}" for s in ("small", "large") for p in ("left", "right")]
+    )
+    fp32, auto = OrtDualEncoder(exports / "fp32"), OrtDualEncoder(tmp_path / "auto")
+    assert F.cosine_similarity(fp32.encode_text(tokens), auto.encode_text(tokens)).mean() >= 0.99
+    # an explicit list: a name neither graph holds is refused, by name; a listed one stays fp32
+    with pytest.raises(ValueError, match="no node named \\['nope'\\]"):
+        quantize_export(exports / "fp32", tmp_path / "bad", [], calibration, "none", "dynamic", ["nope"])
+    kept = text["effects"][0]["node"]
+    quantize_export(exports / "fp32", tmp_path / "listed", [], calibration, "none", "static", [kept])
+    assert read_quantization(tmp_path / "listed")["text"]["excluded"] == [kept]
 
 
 def test_export_is_refused_when_it_is_not_one(tmp_path):

@@ -90,6 +90,8 @@ BAD_COMPRESSION = [
     (["report.repeats=0"], "report.repeats"),
     (["lowrank_heads.energy=0"], "lowrank_heads.energy"),
     (["lowrank_heads.rank=0"], "lowrank_heads.rank"),
+    (["quantize.exclude=some"], "quantize.exclude"),
+    (["quantize.min_cosine=1.5"], "quantize.min_cosine"),
 ]
 
 

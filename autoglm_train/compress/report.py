@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from autoglm_train.compress.prune import estimate_flops
+from autoglm_train.compress.sensitivity import embedding_fidelity
 
 
 def count_flops(model, images: torch.Tensor, tokens: torch.Tensor) -> int:
@@ -78,3 +79,61 @@ def sweep_plot(points: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+@torch.no_grad()
+def held_out_fidelity(reference, candidate, batches) -> dict:
+    """Each tower's embeddings from ``candidate`` (an int8 graph) against ``reference`` (its fp32 graph)
+    on held-out batches: ``{"image": {cosine, min_cosine, rel_error}, "text": ...}``."""
+    out = {}
+    for tower, key in (("image", "image"), ("text", "text")):
+        encode = f"encode_{tower}"
+        ref = torch.cat([getattr(reference, encode)(b[key]).float() for b in batches]).numpy()
+        cand = torch.cat([getattr(candidate, encode)(b[key]).float() for b in batches]).numpy()
+        out[tower] = embedding_fidelity(ref, cand)
+    return out
+
+
+def fidelity_tables(rows: list[dict], worst: int = 5) -> str:
+    """Markdown: per int8 variant and graph, how it was quantized, the nodes kept fp32 and the final
+    embeddings' cosine to fp32 on held-out data; then, where nodes were measured one at a time
+    (``quantize.exclude=auto``), the ``worst`` most sensitive nodes of each graph."""
+    int8 = [r for r in rows if r.get("fidelity")]
+    if not int8:
+        return ""
+    lines = [
+        "| variant | graph | mode | nodes kept fp32 | held-out cosine to fp32: mean / min | relative error |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in int8:
+        for graph in ("image", "text"):
+            q, f = r["quantization"].get(graph, {}), r["fidelity"][graph]
+            kept = f"{len(q.get('excluded', []))} of {q.get('nodes', 0)}"
+            kept = "all" if q.get("mode") == "none" else kept
+            lines.append(
+                f"| {r['variant']} | {graph} | {q.get('mode', '?')} | {kept} | "
+                f"{f['cosine']:.5f} / {f['min_cosine']:.5f} | {f['rel_error']:.4f} |"
+            )
+    measured = [
+        (r, g) for r in int8 for g in ("image", "text") if r["quantization"].get(g, {}).get("effects")
+    ]
+    if measured:
+        lines += [
+            "",
+            f"The {worst} most sensitive nodes of each graph, each quantized alone (calibration batches): "
+            "cosine and relative error to fp32 of the node's output and of the final embedding.",
+            "",
+            "| variant | graph | node | op | output cosine | output rel. error | final cosine "
+            "| final rel. error | kept fp32 |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r, graph in measured:
+            q = r["quantization"][graph]
+            for e in q["effects"][:worst]:
+                lines.append(
+                    f"| {r['variant']} | {graph} | `{e['node']}` | {e['op_type']} | "
+                    f"{e['output_cosine']:.5f} | {e['output_rel_error']:.4f} | "
+                    f"{e['final_cosine']:.5f} | {e['final_rel_error']:.4f} | "
+                    f"{'yes' if e['node'] in q['excluded'] else 'no'} |"
+                )
+    return "\n".join(lines)

@@ -19,9 +19,16 @@ from autoglm_train.compress import prune as pruning
 from autoglm_train.compress.export import export_model, graphs_size
 from autoglm_train.compress.load import load_trained
 from autoglm_train.compress.lowrank import factorize_heads
-from autoglm_train.compress.quantize import quantize_export
+from autoglm_train.compress.quantize import quantize_export, read_quantization
 from autoglm_train.compress.recover import evaluate, finetune, frozen_copy
-from autoglm_train.compress.report import count_flops, markdown_table, measure_latency, sweep_plot
+from autoglm_train.compress.report import (
+    count_flops,
+    fidelity_tables,
+    held_out_fidelity,
+    markdown_table,
+    measure_latency,
+    sweep_plot,
+)
 from autoglm_train.compress.serving import OrtDualEncoder
 from autoglm_train.compress.tp_prune import tp_prune_model
 from autoglm_train.config_check import check_compress_config
@@ -139,6 +146,10 @@ def serving_rows(name, model, flops, cfg, out: Path, trained, preprocess, exampl
             [b["text"] for b in quant_batches],
             image_mode=cfg.quantize.image,
             text_mode=cfg.quantize.text,
+            exclude=cfg.quantize.exclude if cfg.quantize.exclude == "auto" else list(cfg.quantize.exclude),
+            min_cosine=cfg.quantize.min_cosine,
+            selection_batches=cfg.quantize.sensitivity_batches,
+            progress=cfg.progress_bar,
         )
     rows = {}
     for runtime, directory in exports.items():
@@ -152,6 +163,11 @@ def serving_rows(name, model, flops, cfg, out: Path, trained, preprocess, exampl
                 "file_bytes": graphs_size(directory),
                 "flops": flops if runtime == "ORT fp32" else None,  # the same graph as the PyTorch row's
                 "export_dir": str(directory),
+                **(
+                    {"quantization": read_quantization(directory), "fp32_variant": list(rows)[0]}
+                    if runtime == "ORT int8"
+                    else {}
+                ),
             },
             served,
         )
@@ -205,6 +221,8 @@ def run(cfg: DictConfig) -> dict:
             name, float_variants[name], flops[name], cfg, out, trained, preprocess, example, quant_batches
         ).items():
             row.update(evaluate(model, val_batches))
+            if "fp32_variant" in row:  # int8 against its own fp32 graph, on held-out data
+                row["fidelity"] = held_out_fidelity(served[row["fp32_variant"]], model, val_batches)
             rows.append(row)
             served[row_name] = model
             console.print(f"{row_name}: val/r1_mean {row['val/r1_mean']:.4f}")
@@ -231,13 +249,18 @@ def run(cfg: DictConfig) -> dict:
         "sweep": sweep,
     }
     table = markdown_table(rows, batch=n)
+    fidelity = fidelity_tables(rows)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     text = f"# Compression report\n\nCheckpoint: `{cfg.ckpt}`\n\n{table}\n"
+    if fidelity:
+        text += f"\n## INT8 fidelity\n\n{fidelity}\n"
     if sweep:
         sweep_plot(sweep, out / "pruning_sweep.png")
         text += "\n![pruning sweep](pruning_sweep.png)\n"
     atomic_write_text(out / "report.md", text)
     console.print(table)
+    if fidelity:
+        console.print(fidelity)
     console.print(f"[bold]Run directory:[/bold] {out}")
     return report
 

@@ -30,7 +30,7 @@ FUSION_FILES = {
 }
 
 
-def session(path: Path, threads: int | None = None) -> ort.InferenceSession:
+def session(path: Path | bytes, threads: int | None = None) -> ort.InferenceSession:
     options = ort.SessionOptions()
     # one process's worth of cores, as PyTorch has; ORT's default also spins idle threads that steal
     # the cores other work on a shared machine needs
@@ -38,7 +38,8 @@ def session(path: Path, threads: int | None = None) -> ort.InferenceSession:
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)  # a serialized graph, or its file
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 @dataclass
