@@ -409,6 +409,10 @@ def _scores(site: _Site, scorer: tp.importance.Importance) -> Tensor:
     return imp.detach().float().cpu().view(site.size, site.width).sum(1)
 
 
+# --------------------------------------------------------------------------------------------------------
+# selection: how many structures each site keeps, and which
+
+
 def _keep_count(n: int, ratio: float) -> int:
     return max(1, min(n, round((1 - ratio) * n)))
 
