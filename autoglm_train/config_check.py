@@ -11,7 +11,9 @@ range, choices), each optionally conditional (``model.image_tower.name`` is a ti
 image tower), plus a few cross-field checks (a queue needs the momentum encoder and at least one global
 batch of room). Hydra structured configs would have to repeat every default of every group option
 (model=open_clip, model/text_tower=hf, loss=siglip, ...) in dataclasses; the table repeats none. A key
-absent from the composed config (the group option chosen has no such key) is skipped.
+absent from the composed config (the group option chosen has no such key) is skipped. A removed option
+stays in its YAML as null for a while, so that setting it is refused here, saying what to do instead
+(``REMOVED``), rather than by Hydra's bare "Key ... is not in struct".
 
 Choices come from the modules that consume them (``MINING_MODES``, ``MODES``, ...), so they cannot drift.
 """
@@ -27,8 +29,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from autoglm_train.build import model_family
-from autoglm_train.compress import PRUNE_BACKENDS, QUANT_MODES
-from autoglm_train.compress.prune import IMPORTANCES, KINDS, SCOPES
+from autoglm_train.compress import IMPORTANCES, KINDS, QUANT_MODES, SCOPES
 from autoglm_train.data.caption_negatives import TEXT_NEGATIVES
 from autoglm_train.data.shapes import GROUP_ATTRIBUTES
 from autoglm_train.distributed.compression import MODES as COMPRESSION_MODES
@@ -624,7 +625,6 @@ COMPRESS_RULES = [
     integer("threads", 0, null=True),
     flag("progress_bar"),
     flag("prune.enabled"),
-    one_of("prune.backend", PRUNE_BACKENDS),
     number("prune.ratio", 0, 1, high_open=True),  # the fraction removed: 1 would remove everything
     one_of("prune.importance", IMPORTANCES),
     one_of("prune.scope", SCOPES),
@@ -1024,6 +1024,21 @@ def benchmark_inputs(cfg: DictConfig) -> list[str]:
     return problems
 
 
+# options that no longer exist, each null in its YAML: what to do instead of setting it
+REMOVED = {
+    "prune.backend": "Torch-Pruning is the one pruner (the hand-written `ours` is gone); drop the key",
+}
+
+
+def removed_options(cfg: DictConfig) -> list[str]:
+    """A removed option given a value."""
+    return [
+        f"{key}={show(value)}: the option was removed; {instead}"
+        for key, instead in REMOVED.items()
+        if (value := value_of(cfg, key)) is not None
+    ]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # entry points
 
@@ -1056,4 +1071,4 @@ def check_evaluate_config(cfg: DictConfig) -> None:
 
 def check_compress_config(cfg: DictConfig) -> None:
     """A composed compression config (conf/compress.yaml); raises ``ConfigError`` listing every problem."""
-    _raise_if_any(problems_in(cfg, COMPRESS_RULES, []), "compression")
+    _raise_if_any(problems_in(cfg, COMPRESS_RULES, [removed_options]), "compression")

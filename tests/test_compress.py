@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from conftest import TINY, shapes_set
 
 from autoglm_train.compress.export import export_model, graphs_size
-from autoglm_train.compress.prune import convert_text_tower, estimate_flops
+from autoglm_train.compress.prunable_text import convert_text_tower
 from autoglm_train.compress.quantize import quantize_export, read_quantization
-from autoglm_train.compress.report import count_flops
+from autoglm_train.compress.report import count_flops, estimate_flops
 from autoglm_train.compress.serving import OrtDualEncoder, load_exported
 from autoglm_train.data.tokenizer import train_bpe
 from autoglm_train.embed import load_index, query

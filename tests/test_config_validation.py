@@ -87,6 +87,7 @@ BAD_COMPRESSION = [
     (["prune.iterations=0"], "prune.iterations"),
     (["prune.importance=l3"], "prune.importance"),
     (["prune.targets=[heads,filters]"], "prune.targets"),
+    (["prune.backend=ours"], "prune.backend"),  # removed: Torch-Pruning is the one pruner
     (["report.repeats=0"], "report.repeats"),
     (["lowrank_heads.energy=0"], "lowrank_heads.energy"),
     (["lowrank_heads.rank=0"], "lowrank_heads.rank"),
@@ -224,6 +225,13 @@ def test_the_shipped_compression_and_evaluation_configs_pass(checkpoint, tmp_pat
         ["data=shapes", "model/text_tower=hf"],
     ):
         check_evaluate_config(compose_config(overrides, tmp_path, config_name="evaluate"))
+
+
+def test_a_removed_option_is_refused_saying_what_to_do_instead(checkpoint, tmp_path):
+    overrides = [f"ckpt={checkpoint}", "prune.backend=torch_pruning"]
+    cfg = compose_config(overrides, tmp_path, config_name="compress")
+    with pytest.raises(ConfigError, match="backend=torch_pruning: the option was removed; Torch-Pruning is"):
+        check_compress_config(cfg)
 
 
 def test_evaluation_refuses_bad_values_before_reading_anything(tmp_path):

@@ -3,6 +3,7 @@ Runtime."""
 
 # how each exported graph is quantized (compress.quantize); here so that config checks need no onnxruntime
 QUANT_MODES = ("static", "dynamic", "none")
-# who finds and cuts the structures: Torch-Pruning's dependency graph (compress.tp_prune) or our own
-# (compress.prune); both take the same arguments and choose the same counts
-PRUNE_BACKENDS = ("torch_pruning", "ours")
+# what the pruner (compress.prune) takes; here so that config checks need no torch_pruning
+IMPORTANCES = ("l1", "l2", "taylor")
+SCOPES = ("per_layer", "global")
+KINDS = ("heads", "mlp", "channels")

@@ -1,500 +1,416 @@
-"""Structured pruning of trained towers: whole attention heads, MLP hidden channels and the inner channels of
-ResNet blocks are cut out and their modules rebuilt smaller, so the pruned model really has fewer parameters
-and FLOPs (nothing is masked).
+"""Structured pruning of trained towers on Torch-Pruning's dependency graph: whole attention heads, MLP hidden
+channels and the inner channels of ResNet blocks are cut out and their modules rebuilt smaller, so the pruned
+model really has fewer parameters and FLOPs (nothing is masked); never a residual stream or a tower's output
+width.
 
-A *site* is one layer's set of structures of one kind, and each structure owns some weights; importance is
-computed over exactly those:
+For each tower a ``tp.DependencyGraph`` is traced from the example inputs (for a ``DualEncoder``: a function
+calling that tower's ``encode_image`` / ``encode_text``, projection included). Our text towers are first
+converted, exactly, to ``PrunableEncoderLayer`` s (``compress/prunable_text.py``). Then:
 
-    heads     text layer: its q, k, v rows (+ biases) and out_proj columns;
-              timm ``Attention``: its rows in each of the q, k, v blocks of ``qkv`` (+ bias), ``proj`` columns
-    mlp       text layer: ``linear1`` row (+ bias) and ``linear2`` column; timm ``Mlp``: the same
-    channels  timm ResNet ``BasicBlock`` conv1 -> conv2, ``Bottleneck`` conv1 -> conv2 and conv2 -> conv3:
-              the producing conv's output filter, its BatchNorm entry, the consuming conv's input slice.
-              A block's output width is never cut, so every residual addition stays valid.
+    sites     every attention / MLP / ResNet block is matched to a *site*: a root layer whose channels are the
+              structures (heads: ``head_dim`` consecutive channels each) and the producers that must be cut
+              with them. Known blocks: our text layers, timm ``Attention`` (fused ``qkv``) and ``Mlp``,
+              Hugging Face BERT-style self-attention (``query``, ``key``, ``value``) and layers
+              (``intermediate.dense`` -> ``output.dense``), timm / torchvision ``BasicBlock`` and
+              ``Bottleneck``.
+    checks    the site's full tp group must stay inside its block: its only output-side cuts are the site's
+              producers (whole, e.g. all three blocks of a fused qkv) and norms over exactly those channels;
+              everything else it touches loses input columns only. A group reaching anything else would
+              change a residual stream or a tower's output width, so the block is refused. Any attention /
+              MLP / conv block of a requested kind without a valid site raises ``ValueError`` naming it
+              (module name and type); nothing is skipped silently.
+    scores    tp's group importance over the whole group (``GroupMagnitudeImportance`` p=1 / p=2, or
+              ``GroupTaylorImportance`` with ``multivariable=True``: per layer ``|sum(w * grad)|``, the
+              first-order change of the loss when the structure is zeroed, from the gradients
+              ``accumulate_grads`` leaves on a calibration set), summed over the group's layers; a head's
+              score is the sum over its channels.
+    selection per_layer: every site keeps ``round((1 - ratio) * n)`` structures, at least one. global: per
+              kind, the lowest ``round(ratio * total)`` structures across all sites go, never a site's last
+              one; scores are first divided by the number of weights each structure owns, so that sites of
+              different shapes compare (dividing by each site's mean score instead would make every site
+              lose the same fraction and hide a layer whose weights are uniformly small, which is what a
+              global budget is for).
+    cutting   ``DG.get_pruning_group(root, fn, indices).prune()``; head-count attributes are then updated.
 
-Importance:
+Why not ``tp.pruner.MetaPruner``: its counts differ (``ceil`` for heads, ``int`` for widths), its global mode
+ranks MLP and conv channels in one pool and can remove every head of a layer, and ``ignored_layers`` alone
+cannot say "prune this group but never that residual width". The graph, the groups, the importance and the
+cutting are tp's; only the choice of how many and which ones is ours.
 
-    l1, l2    norm of the owned weights. For conv channels it is multiplied by |BN gamma|: the BatchNorm
-              renormalizes the filter, so the filter's own scale says little about how loud the channel is,
-              gamma does (the network-slimming criterion), and a zero gamma or a zero filter both score 0.
-    taylor    |sum(w * grad)| over the owned parameters (BN gamma and beta included for channels): the
-              first-order change of the loss when the structure is zeroed. Gradients come from the caller's
-              calibration set (``accumulate_grads``).
-
-Scope:
-
-    per_layer every site keeps ``round((1 - ratio) * n)`` structures, at least one.
-    global    per kind, the lowest ``round(ratio * total)`` structures across all sites go, at least one kept
-              per site. Scores are first divided by the number of weights each structure owns (mean |w|, RMS,
-              Taylor per weight) so that sites of different shapes compare; dividing by each site's mean
-              score instead would make every site lose the same fraction and hide a layer whose weights
-              are uniformly small, which is what a global budget is for.
-
-The text tower's ``nn.TransformerEncoderLayer`` s are first converted, exactly, to ``PrunableEncoderLayer``
-(``nn.MultiheadAttention`` ties head_dim to width / heads, so it cannot lose heads).
+Worth knowing: tp's magnitude scores add BN gamma (``|gamma|^p``) to a conv channel's score rather than
+multiply by it; tp's Taylor score ignores BatchNorm (it tests for the GroupNorm pruning function) and needs
+``.grad`` on every weight of a group (missing gradients raise here rather than count as zero); Hugging Face
+models keep their ``config.num_attention_heads`` (per-module attributes are updated, the config is shared by
+all layers), so re-creating one from its config gives the unpruned shape.
 """
 
 from __future__ import annotations
 
-import copy
-import math
 import numbers
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from timm.layers import Attention, Mlp
-from timm.models.resnet import BasicBlock, Bottleneck
+import torch_pruning as tp
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from autoglm_train.model.towers import TextTower
+from autoglm_train.compress import IMPORTANCES, KINDS, SCOPES
+from autoglm_train.compress.prunable_text import PrunableEncoderLayer, convert_text_towers
 
-IMPORTANCES = ("l1", "l2", "taylor")
-SCOPES = ("per_layer", "global")
-KINDS = ("heads", "mlp", "channels")
-_ALL = slice(None)
-
-
-# --------------------------------------------------------------------------------------------------------
-# text tower: a pre-norm encoder layer whose heads can be removed
-
-
-class PrunableEncoderLayer(nn.Module):
-    """The function of ``nn.TransformerEncoderLayer(norm_first=True, batch_first=True)``:
-
-        x = x + dropout1(attn(norm1(x)));  x = x + dropout2(linear2(dropout(act(linear1(norm2(x))))))
-
-    with separate q/k/v projections of ``heads * head_dim`` outputs, so that whole heads can be cut out while
-    head_dim stays what training used (``nn.MultiheadAttention`` insists on head_dim = width / heads).
-    """
-
-    def __init__(
-        self,
-        width: int,
-        heads: int,
-        head_dim: int,
-        hidden: int,
-        dropout: float = 0.0,
-        attn_dropout: float = 0.0,
-        activation: Callable[[Tensor], Tensor] = F.gelu,
-        eps: float = 1e-5,
-        bias: bool = True,
-    ):
-        super().__init__()
-        self.heads, self.head_dim, self.attn_dropout = heads, head_dim, attn_dropout
-        inner = heads * head_dim
-        self.norm1 = nn.LayerNorm(width, eps=eps)
-        self.q = nn.Linear(width, inner, bias=bias)
-        self.k = nn.Linear(width, inner, bias=bias)
-        self.v = nn.Linear(width, inner, bias=bias)
-        self.out_proj = nn.Linear(inner, width, bias=bias)
-        self.dropout1 = nn.Dropout(dropout)
-        self.norm2 = nn.LayerNorm(width, eps=eps)
-        self.linear1 = nn.Linear(width, hidden, bias=bias)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(hidden, width, bias=bias)
-        self.dropout2 = nn.Dropout(dropout)
-        self.activation = activation
-
-    @classmethod
-    def from_torch_layer(cls, layer: nn.TransformerEncoderLayer) -> PrunableEncoderLayer:
-        """The same function with the same weights. Norms, MLP and dropouts are taken over as they are;
-        ``in_proj_weight`` is split into q, k, v. Gradients come along, so Taylor scores can be computed
-        from gradients accumulated before the conversion."""
-        attn = layer.self_attn
-        if not layer.norm_first or not attn.batch_first:
-            raise ValueError("only pre-norm (norm_first=True), batch_first=True encoder layers are supported")
-        if not attn._qkv_same_embed_dim:
-            raise ValueError("only self-attention with a packed in_proj_weight is supported")
-        width = attn.embed_dim
-        new = cls(width, attn.num_heads, attn.head_dim, layer.linear1.out_features, attn_dropout=attn.dropout)
-        for name in ("norm1", "norm2", "linear1", "linear2", "dropout", "dropout1", "dropout2", "activation"):
-            setattr(new, name, getattr(layer, name))
-        for i, name in enumerate("qkv"):
-            rows = slice(i * width, (i + 1) * width)
-            bias = None if attn.in_proj_bias is None else _sub_param(attn.in_proj_bias, (rows,))
-            setattr(new, name, _linear(_sub_param(attn.in_proj_weight, (rows,)), bias))
-        out_bias = None if attn.out_proj.bias is None else _sub_param(attn.out_proj.bias, (_ALL,))
-        new.out_proj = _linear(_sub_param(attn.out_proj.weight, (_ALL,)), out_bias)
-        return new.train(layer.training)
-
-    def forward(self, x: Tensor, src_key_padding_mask: Tensor | None = None) -> Tensor:
-        x = x + self.dropout1(self._attention(self.norm1(x), src_key_padding_mask))
-        return x + self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(self.norm2(x))))))
-
-    def _attention(self, x: Tensor, padding: Tensor | None) -> Tensor:
-        batch, length, _ = x.shape
-
-        def split(t: Tensor) -> Tensor:
-            return t.view(batch, length, self.heads, self.head_dim).transpose(1, 2)
-
-        out = F.scaled_dot_product_attention(
-            split(self.q(x)),
-            split(self.k(x)),
-            split(self.v(x)),
-            attn_mask=_attention_mask(padding, x.dtype),
-            dropout_p=self.attn_dropout if self.training else 0.0,
-        )
-        return self.out_proj(out.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim))
-
-    def keep_heads(self, heads: Tensor) -> None:
-        """Keep only these heads: their q/k/v rows and out_proj columns."""
-        rows = _head_rows(heads, self.head_dim)
-        self.q, self.k, self.v = (_linear_subset(lin, rows=rows) for lin in (self.q, self.k, self.v))
-        self.out_proj = _linear_subset(self.out_proj, cols=rows)
-        self.heads = len(heads)
-
-    def keep_hidden(self, channels: Tensor) -> None:
-        """Keep only these MLP hidden channels: linear1 rows (+ bias) and linear2 columns."""
-        self.linear1 = _linear_subset(self.linear1, rows=channels)
-        self.linear2 = _linear_subset(self.linear2, cols=channels)
-
-
-class PrunableEncoder(nn.Module):
-    """Stands in for ``nn.TransformerEncoder``, whose forward reads ``layers[0].self_attn`` for its fast-path
-    checks, which a ``PrunableEncoderLayer`` does not have. Same call signature, so ``TextTower.forward``
-    is unchanged."""
-
-    def __init__(self, layers: Iterable[nn.Module], norm: nn.Module | None = None):
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-        self.norm = norm
-
-    def forward(
-        self,
-        src: Tensor,
-        mask: Tensor | None = None,
-        src_key_padding_mask: Tensor | None = None,
-        is_causal: bool | None = None,
-    ) -> Tensor:
-        if mask is not None or is_causal:
-            raise ValueError("PrunableEncoder supports key padding masks only")
-        x = src
-        for layer in self.layers:
-            x = layer(x, src_key_padding_mask)
-        return x if self.norm is None else self.norm(x)
-
-
-def _attention_mask(padding: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """A (B, 1, 1, N) SDPA mask from a (B, N) key padding mask (True = padding): boolean masks flip to
-    True = may attend; float masks (additive, as ``nn.TransformerEncoder`` passes them on) pass through."""
-    if padding is None:
-        return None
-    if padding.dtype == torch.bool:
-        return ~padding[:, None, None, :]
-    return padding[:, None, None, :].to(dtype)
-
-
-def convert_text_tower(tower: TextTower) -> TextTower:
-    """Swap the tower's ``nn.TransformerEncoder`` for a ``PrunableEncoder`` of converted layers, in place.
-    Exact (outputs equal to float tolerance) and idempotent."""
-    encoder = tower.encoder
-    if isinstance(encoder, PrunableEncoder):
-        return tower
-    if not isinstance(encoder, nn.TransformerEncoder):
-        raise TypeError(f"expected an nn.TransformerEncoder, got {type(encoder).__name__}")
-    layers = [PrunableEncoderLayer.from_torch_layer(layer) for layer in encoder.layers]
-    tower.encoder = PrunableEncoder(layers, encoder.norm).train(encoder.training)
-    return tower
-
-
-def convert_text_towers(model: nn.Module) -> nn.Module:
-    """``convert_text_tower`` on every ``TextTower`` in ``model`` (``model`` itself included)."""
-    for tower in [m for m in model.modules() if isinstance(m, TextTower)]:
-        convert_text_tower(tower)
-    return model
-
-
-# --------------------------------------------------------------------------------------------------------
-# rebuilding modules with a subset of their rows / columns / channels
-
-
-def _sub_param(param: Tensor, index: tuple) -> nn.Parameter:
-    """``param[index]`` as a new leaf parameter with the matching slice of its gradient, if any."""
-    new = nn.Parameter(param.detach()[index].clone(), requires_grad=param.requires_grad)
-    if param.grad is not None:
-        new.grad = param.grad[index].clone()
-    return new
-
-
-def _ix(index: Tensor | None) -> Tensor | slice:
-    return _ALL if index is None else index
-
-
-def _linear(weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Linear:
-    """An ``nn.Linear`` around these parameters (built on the meta device: nothing allocated twice)."""
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    lin.weight, lin.bias = weight, bias
-    return lin
-
-
-def _linear_subset(lin: nn.Linear, rows: Tensor | None = None, cols: Tensor | None = None) -> nn.Linear:
-    """The linear map restricted to these output rows and input columns."""
-    weight = _sub_param(lin.weight, (_ix(rows), _ix(cols)))
-    bias = None if lin.bias is None else _sub_param(lin.bias, (_ix(rows),))
-    return _linear(weight, bias).train(lin.training)
-
-
-def _conv_subset(conv: nn.Conv2d, out_idx: Tensor | None = None, in_idx: Tensor | None = None) -> nn.Conv2d:
-    """The (ungrouped) convolution restricted to these output filters and input channels."""
-    weight = _sub_param(conv.weight, (_ix(out_idx), _ix(in_idx)))
-    new = nn.Conv2d(
-        weight.shape[1],
-        weight.shape[0],
-        conv.kernel_size,
-        conv.stride,
-        conv.padding,
-        conv.dilation,
-        bias=conv.bias is not None,
-        padding_mode=conv.padding_mode,
-        device="meta",
-    )
-    new.weight = weight
-    new.bias = None if conv.bias is None else _sub_param(conv.bias, (_ix(out_idx),))
-    return new.train(conv.training)
-
-
-def _bn_subset(bn: nn.BatchNorm2d, idx: Tensor) -> nn.BatchNorm2d:
-    """The BatchNorm restricted to these channels: affine parameters and running statistics; eps, momentum
-    and any fused activation (timm's BatchNormAct2d) kept, since it is a copy."""
-    new = copy.deepcopy(bn)
-    new.num_features = len(idx)
-    if bn.affine:
-        new.weight, new.bias = _sub_param(bn.weight, (idx,)), _sub_param(bn.bias, (idx,))
-    if bn.track_running_stats:
-        new.running_mean = bn.running_mean[idx].clone()
-        new.running_var = bn.running_var[idx].clone()
-    return new
-
-
-def _norm_sliceable(norm: nn.Module | None) -> bool:
-    return norm is None or isinstance(norm, nn.Identity | nn.LayerNorm)
-
-
-def _norm_subset(norm: nn.Module | None, idx: Tensor) -> nn.Module | None:
-    """A LayerNorm over fewer features, for timm's optional inner norms (``scale_attn_norm`` /
-    ``scale_mlp_norm``). Not function-preserving there (the statistics change; fine-tuning after pruning
-    absorbs it); Identity/None pass through."""
-    if not isinstance(norm, nn.LayerNorm):
-        return norm
-    new = copy.deepcopy(norm)
-    new.normalized_shape = (len(idx),)
-    if norm.weight is not None:
-        new.weight = _sub_param(norm.weight, (idx,))
-    if norm.bias is not None:
-        new.bias = _sub_param(norm.bias, (idx,))
-    return new
-
-
-def _head_rows(heads: Tensor, head_dim: int) -> Tensor:
-    """Row indices of these heads in a (heads * head_dim)-row projection."""
-    return (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).reshape(-1)
-
-
-# --------------------------------------------------------------------------------------------------------
-# sites: what can be pruned, what each structure owns, how to cut it
+_NORMS = (_BatchNorm, nn.LayerNorm)
 
 
 @dataclass
-class Owned:
-    """Weights owned by a site's structures: along ``dim`` of ``param`` (optionally only its
-    ``[start, start + length)`` part, e.g. the q block of timm's fused qkv), structure i owns the i-th of
-    ``size`` equal consecutive chunks."""
-
-    param: nn.Parameter
-    dim: int
-    start: int = 0
-    length: int | None = None
-
-    def per_structure(self, tensor: Tensor, size: int) -> Tensor:
-        """``tensor`` (the parameter, its gradient or their product) as (size, -1): a row per structure."""
-        if self.length is not None:
-            tensor = tensor.narrow(self.dim, self.start, self.length)
-        return tensor.movedim(self.dim, 0).reshape(size, -1)
-
-
-@dataclass
-class Site:
-    """One layer's structures of one kind: how many, the weights they own, and ``keep(indices)`` which
-    rebuilds the layer's modules keeping only those structures. ``bn`` is the BatchNorm whose gamma scales
-    conv channel norms (and whose gamma/beta count for Taylor)."""
+class _Site:
+    """``size`` structures of ``width`` consecutive channels each, along the ``root_fn`` side of ``root``;
+    ``producers`` are the layers whose outputs are the structures (all must be cut, whole); ``block`` is the
+    module the whole group must stay inside; ``after(n)`` updates head-count attributes."""
 
     kind: str
     name: str
+    block: nn.Module
+    root: nn.Module
+    root_fn: Callable
     size: int
-    owned: list[Owned]
-    keep: Callable[[Tensor], None]
-    bn: nn.BatchNorm2d | None = None
-
-    def all_owned(self) -> list[Owned]:
-        """Everything the structures own, BatchNorm affine parameters included."""
-        if self.bn is None or not self.bn.affine:
-            return list(self.owned)
-        return [*self.owned, Owned(self.bn.weight, 0), Owned(self.bn.bias, 0)]
-
-    def weights_per_structure(self) -> int:
-        return sum(o.per_structure(o.param.detach(), self.size).shape[1] for o in self.owned)
+    width: int = 1
+    producers: tuple[nn.Module, ...] = ()
+    after: Callable[[int], None] | None = None
+    group: object = field(default=None, repr=False)  # the full tp group, once checked
 
 
-def _owned_linear(lin: nn.Linear, dim: int, start: int = 0, length: int | None = None) -> list[Owned]:
-    """A linear layer's weight along ``dim`` (0: output rows, 1: input columns), and its bias with rows."""
-    owned = [Owned(lin.weight, dim, start, length)]
-    if dim == 0 and lin.bias is not None:
-        owned.append(Owned(lin.bias, 0, start, length))
-    return owned
-
-
-def _text_layer_sites(name: str, layer: PrunableEncoderLayer) -> list[Site]:
-    heads = Site(
-        "heads",
-        f"{name}.attn",
-        layer.heads,
-        [*_owned_linear(layer.q, 0), *_owned_linear(layer.k, 0), *_owned_linear(layer.v, 0)]
-        + _owned_linear(layer.out_proj, 1),
-        layer.keep_heads,
-    )
-    mlp_owned = _owned_linear(layer.linear1, 0) + _owned_linear(layer.linear2, 1)
-    mlp = Site("mlp", f"{name}.mlp", layer.linear1.out_features, mlp_owned, layer.keep_hidden)
-    return [heads, mlp]
-
-
-def _timm_attention_sites(name: str, attn: Attention) -> list[Site]:
-    """Heads of a timm ``Attention``: ``qkv`` rows are laid out (3, num_heads, head_dim), and forward
-    reshapes with ``num_heads``/``head_dim``/``attn_dim``, so cutting rows and lowering num_heads suffices."""
-    inner = attn.num_heads * attn.head_dim
-    gate = getattr(attn, "gate", None)
-    if not (isinstance(attn.qkv, nn.Linear) and isinstance(attn.proj, nn.Linear)):
-        return []
-    if attn.qkv.out_features != 3 * inner or not _norm_sliceable(getattr(attn, "norm", None)):
-        return []
-    owned = [o for i in range(3) for o in _owned_linear(attn.qkv, 0, i * inner, inner)]
-    owned += _owned_linear(attn.proj, 1) + ([] if gate is None else _owned_linear(gate, 0))
-
-    def keep(heads: Tensor) -> None:
-        rows = _head_rows(heads, attn.head_dim)
-        attn.qkv = _linear_subset(attn.qkv, rows=torch.cat([rows + i * inner for i in range(3)]))
-        attn.proj = _linear_subset(attn.proj, cols=rows)
-        if getattr(attn, "gate", None) is not None:
-            attn.gate = _linear_subset(attn.gate, rows=rows)
-        if hasattr(attn, "norm"):
-            attn.norm = _norm_subset(attn.norm, rows)
-        attn.num_heads = len(heads)
-        if hasattr(attn, "attn_dim"):
-            attn.attn_dim = len(heads) * attn.head_dim
-
-    return [Site("heads", name, attn.num_heads, owned, keep)]
-
-
-def _timm_mlp_sites(name: str, mlp: Mlp) -> list[Site]:
-    if not (isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear)):
-        return []  # the 1x1-conv variant
-    if not _norm_sliceable(getattr(mlp, "norm", None)):
-        return []
-
-    def keep(channels: Tensor) -> None:
-        mlp.fc1 = _linear_subset(mlp.fc1, rows=channels)
-        mlp.norm = _norm_subset(mlp.norm, channels)
-        mlp.fc2 = _linear_subset(mlp.fc2, cols=channels)
-
-    owned = _owned_linear(mlp.fc1, 0) + _owned_linear(mlp.fc2, 1)
-    return [Site("mlp", name, mlp.fc1.out_features, owned, keep)]
-
-
-def _conv_pair_sites(
-    name: str, block: nn.Module, producer: str, bn: str, consumer: str, aa: bool
-) -> list[Site]:
-    """Channels flowing ``block.<producer>`` -> ``block.<bn>`` -> (activation, drop block, ``aa`` when
-    ``aa``) -> ``block.<consumer>``. Skipped when a grouped conv or a real anti-aliasing layer (which has
-    its own channel count) sits on the path."""
-    first, norm, second = getattr(block, producer), getattr(block, bn), getattr(block, consumer)
-    if not (type(first) is nn.Conv2d and type(second) is nn.Conv2d and isinstance(norm, nn.BatchNorm2d)):
-        return []
-    if first.groups != 1 or second.groups != 1:
-        return []
-    if aa and not isinstance(getattr(block, "aa", None), nn.Identity | None):
-        return []
-
-    def keep(channels: Tensor) -> None:
-        # read the modules now, not at collection time: a Bottleneck's conv2 is cut by two sites
-        setattr(block, producer, _conv_subset(getattr(block, producer), out_idx=channels))
-        setattr(block, bn, _bn_subset(getattr(block, bn), channels))
-        setattr(block, consumer, _conv_subset(getattr(block, consumer), in_idx=channels))
-
-    owned = [Owned(first.weight, 0), Owned(second.weight, 1)]
-    if first.bias is not None:
-        owned.append(Owned(first.bias, 0))
-    return [Site("channels", f"{name}.{producer}", first.out_channels, owned, keep, bn=norm)]
-
-
-def _resnet_block_sites(name: str, block: nn.Module) -> list[Site]:
-    if isinstance(block, BasicBlock):
-        return _conv_pair_sites(name, block, "conv1", "bn1", "conv2", aa=True)
-    return _conv_pair_sites(name, block, "conv1", "bn1", "conv2", aa=False) + _conv_pair_sites(
-        name, block, "conv2", "bn2", "conv3", aa=True
-    )
-
-
-def find_sites(model: nn.Module, kinds: Iterable[str] = KINDS) -> list[Site]:
-    """Every prunable site of these kinds in ``model``. Text towers must be converted first
-    (``convert_text_towers``); ``prune_model`` does that."""
-    kinds = set(kinds)
-    sites: list[Site] = []
-    for name, module in model.named_modules():
-        if isinstance(module, PrunableEncoderLayer):
-            sites += _text_layer_sites(name, module)
-        elif isinstance(module, Attention):
-            sites += _timm_attention_sites(name, module)
-        elif isinstance(module, Mlp):
-            sites += _timm_mlp_sites(name, module)
-        elif isinstance(module, BasicBlock | Bottleneck):
-            sites += _resnet_block_sites(name, module)
-    return [s for s in sites if s.kind in kinds]
+@dataclass
+class _Tower:
+    name: str
+    modules: list[tuple[str, nn.Module]]  # (full name, module) of everything in the tower
+    forward: Callable[[nn.Module, object], object]  # what the graph traces: forward(model, inputs)
+    inputs: object
 
 
 # --------------------------------------------------------------------------------------------------------
-# importance and selection
+# towers and how to run them
 
 
-def structure_scores(site: Site, importance: str) -> Tensor:
-    """One score per structure of the site (higher = more important); see the module docstring."""
-    with torch.no_grad():
-        if importance == "taylor":
-            return _taylor_scores(site)
-        power = 1 if importance == "l1" else 2
-        total = sum(
-            o.per_structure(o.param.detach().float(), site.size).abs().pow(power).sum(1) for o in site.owned
-        )
-        score = total if power == 1 else total.sqrt()
-        if site.bn is not None and site.bn.affine:
-            score = score * site.bn.weight.detach().float().abs()
-        return score.cpu()
+def _call(module: nn.Module, inputs: object) -> object:
+    if isinstance(inputs, Mapping):
+        return module(**inputs)
+    if isinstance(inputs, tuple | list):
+        return module(*inputs)
+    return module(inputs)
 
 
-def _taylor_scores(site: Site) -> Tensor:
-    total = torch.zeros(site.size)
-    for o in site.all_owned():
-        if o.param.grad is not None:
-            product = (o.param.detach() * o.param.grad).float()
-            total += o.per_structure(product, site.size).sum(1).cpu()
-    return total.abs()
+def _is_dual(model: nn.Module) -> bool:
+    return all(hasattr(model, a) for a in ("image_tower", "text_tower", "encode_image", "encode_text"))
 
 
-def _has_grads(sites: Iterable[Site]) -> bool:
-    return any(o.param.grad is not None for s in sites for o in s.all_owned())
-
-
-def taylor_scores_from_grads(model: nn.Module, targets: Iterable[str] = KINDS) -> dict[str, Tensor]:
-    """Taylor scores ``|sum(w * grad)|`` per structure, keyed by site name, from the ``.grad`` already on
-    the parameters (``accumulate_grads``). Converts text towers in place (exact) so that the names are
-    those ``prune_model`` prunes."""
-    sites = find_sites(convert_text_towers(model), targets)
-    if not _has_grads(sites):
+def _towers(model: nn.Module, example_inputs: object) -> list[_Tower]:
+    if not _is_dual(model):
+        return [_Tower(type(model).__name__, list(model.named_modules()), _call, example_inputs)]
+    if not isinstance(example_inputs, Mapping) or not {"image", "text"} <= set(example_inputs):
         raise ValueError(
-            "no gradients on the prunable weights: run accumulate_grads on a calibration set first"
+            "a DualEncoder needs example_inputs={'image': images, 'text': tokens} (one graph per tower)"
         )
-    return {s.name: _taylor_scores(s) for s in sites}
+    towers = []
+    for key, attr, encode in (
+        ("image", "image_tower", "encode_image"),
+        ("text", "text_tower", "encode_text"),
+    ):
+        tower = getattr(model, attr)
+        # the projection is traced too: were the tower's output width in a group, the projection's input
+        # columns would show up in it and the check below would refuse the group
+        forward = lambda m, x, encode=encode: getattr(m, encode)(x)
+        towers.append(_Tower(attr, list(tower.named_modules(prefix=attr)), forward, example_inputs[key]))
+    return towers
+
+
+def _flat(out: object) -> list[Tensor]:
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, tuple | list):
+        return [t for o in out for t in _flat(o)]
+    return []
+
+
+@contextmanager
+def _traceable(model: nn.Module):
+    """tp traces through autograd: unlock locked towers (they run under no_grad) and let frozen parameters
+    require grad while tracing. tp also switches the model to eval mode and leaves it there: restore."""
+    training = {m: m.training for m in model.modules()}
+    locked = [m for m in model.modules() if getattr(m, "locked", False)]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    try:
+        for m in locked:
+            m.locked = False
+        for p in frozen:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            yield
+    finally:
+        for m in locked:
+            m.locked = True
+        for p in frozen:
+            p.requires_grad_(False)
+        for m, mode in training.items():
+            m.training = mode
+
+
+# --------------------------------------------------------------------------------------------------------
+# sites: which blocks we know how to cut
+
+
+def _linears(module: nn.Module, *names: str) -> list[nn.Linear] | None:
+    found = [getattr(module, n, None) for n in names]
+    return found if all(isinstance(f, nn.Linear) for f in found) else None
+
+
+def _int_attrs(module: nn.Module, *names: str) -> list[int] | None:
+    found = [getattr(module, n, None) for n in names]
+    return found if all(isinstance(f, int) and f > 0 for f in found) else None
+
+
+def _attention_site(name: str, module: nn.Module, parent: nn.Module | None) -> _Site | None:
+    if isinstance(module, PrunableEncoderLayer):
+        return _Site(
+            "heads",
+            f"{name}.attn",
+            module,
+            module.q,
+            tp.prune_linear_out_channels,
+            module.heads,
+            module.head_dim,
+            (module.q, module.k, module.v),
+            lambda n: setattr(module, "heads", n),
+        )
+    fused, counts = _linears(module, "qkv", "proj"), _int_attrs(module, "num_heads", "head_dim")
+    if fused and counts:  # timm Attention: qkv rows are (3, heads, head_dim); rooted at proj's input columns
+        qkv, proj = fused
+        heads, head_dim = counts
+        if qkv.out_features == 3 * heads * head_dim and proj.in_features == heads * head_dim:
+            gate = getattr(module, "gate", None)
+
+            def after(n: int) -> None:
+                module.num_heads = n
+                if hasattr(module, "attn_dim"):
+                    module.attn_dim = n * head_dim
+
+            producers = (qkv,) + ((gate,) if isinstance(gate, nn.Linear) else ())
+            return _Site(
+                "heads", name, module, proj, tp.prune_linear_in_channels, heads, head_dim, producers, after
+            )
+    separate = _linears(module, "query", "key", "value")
+    counts = _int_attrs(module, "num_attention_heads", "attention_head_size")
+    if separate and counts and separate[0].out_features == counts[0] * counts[1]:
+        heads, head_dim = counts
+
+        def after(n: int) -> None:  # Hugging Face BERT-style: the output projection lives in the parent
+            module.num_attention_heads = n
+            if hasattr(module, "all_head_size"):
+                module.all_head_size = n * head_dim
+
+        block = parent if parent is not None else module
+        root = separate[0]
+        return _Site(
+            "heads", name, block, root, tp.prune_linear_out_channels, heads, head_dim, tuple(separate), after
+        )
+    return None
+
+
+def _mlp_site(name: str, module: nn.Module) -> _Site | None:
+    if isinstance(module, PrunableEncoderLayer):
+        fc1 = module.linear1
+        return _Site(
+            "mlp", f"{name}.mlp", module, fc1, tp.prune_linear_out_channels, fc1.out_features, 1, (fc1,)
+        )
+    if _linears(module, "fc1", "fc2"):  # timm Mlp
+        fc1 = module.fc1
+        return _Site("mlp", name, module, fc1, tp.prune_linear_out_channels, fc1.out_features, 1, (fc1,))
+    inner, outer = getattr(module, "intermediate", None), getattr(module, "output", None)
+    if isinstance(inner, nn.Module) and isinstance(outer, nn.Module) and _linears(inner, "dense"):
+        if _linears(outer, "dense"):  # Hugging Face BERT-style layer: intermediate.dense -> output.dense
+            fc1 = inner.dense
+            return _Site(
+                "mlp", f"{name}.mlp", module, fc1, tp.prune_linear_out_channels, fc1.out_features, 1, (fc1,)
+            )
+    return None
+
+
+def _conv_sites(name: str, block: nn.Module) -> tuple[list[_Site], list[str]]:
+    """ResNet blocks: conv1 (and a Bottleneck's conv2) out -> BN -> next conv in. The last conv feeds the
+    residual sum and is never a root. An anti-aliasing layer (timm ``aa``) with weights or buffers (a blur
+    filter per channel) has its own channel count, which tp cannot see: that path is refused. A stateless
+    one (average pooling) does not care about channels and is let through."""
+    if type(block).__name__ not in ("BasicBlock", "Bottleneck"):
+        return [], []
+    bottleneck = isinstance(getattr(block, "conv3", None), nn.Conv2d)
+    pairs = [("conv1", "bn1"), ("conv2", "bn2")] if bottleneck else [("conv1", "bn1")]
+    aa = getattr(block, "aa", None)
+    blocked = "conv2" if bottleneck else "conv1"
+    sites, problems = [], []
+    for conv_name, bn_name in pairs:
+        conv = getattr(block, conv_name, None)
+        if type(conv) is not nn.Conv2d or not isinstance(getattr(block, bn_name, None), nn.BatchNorm2d):
+            problems.append(f"{conv_name} -> {bn_name} is not a plain Conv2d -> BatchNorm2d")
+        elif conv_name == blocked and aa is not None and _has_state(aa):
+            problems.append(
+                f"{conv_name}'s channels pass through the anti-aliasing layer {type(aa).__name__}"
+            )
+        else:
+            fn = tp.prune_conv_out_channels
+            sites.append(
+                _Site("channels", f"{name}.{conv_name}", block, conv, fn, conv.out_channels, 1, (conv,))
+            )
+    return sites, problems
+
+
+def _has_state(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+
+
+def _kinds_of(module: nn.Module) -> set[str]:
+    """The kinds of block this module looks like, by type and class name: what must have a site."""
+    cls = type(module).__name__.lower()
+    layers = [m for m in module.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    kinds = set()
+    if isinstance(module, nn.MultiheadAttention) or ("attention" in cls and layers):
+        kinds.add("heads")
+    if any(word in cls for word in ("mlp", "feedforward", "ffn", "intermediate")) and layers:
+        kinds.add("mlp")
+    convs = sum(isinstance(m, nn.Conv2d) for m in layers)
+    if any(word in cls for word in ("block", "bottleneck", "residual")) and convs >= 2:
+        kinds.add("channels")
+    return kinds
+
+
+def _find_sites(tower: _Tower, targets: Iterable[str]) -> tuple[list[_Site], list[str]]:
+    """Sites of the requested kinds, and one line per block of a requested kind that has none."""
+    targets = set(targets)
+    by_name = dict(tower.modules)
+    sites: list[_Site] = []
+    problems: list[str] = []
+    for name, module in tower.modules:
+        parent = by_name.get(name.rpartition(".")[0]) if "." in name else None
+        if "heads" in targets and (site := _attention_site(name, module, parent)):
+            sites.append(site)
+        if "mlp" in targets and (site := _mlp_site(name, module)):
+            sites.append(site)
+        if "channels" in targets:
+            found, blocked = _conv_sites(name, module)
+            sites += found
+            problems += [f"{name} ({type(module).__name__}): {why}" for why in blocked]
+    for name, module in tower.modules:
+        missing = []
+        for kind in sorted(_kinds_of(module) & targets):
+            related = (s.block for s in sites if s.kind == kind)
+            if not any(b is module or _contains(b, module) or _contains(module, b) for b in related):
+                missing.append(kind)
+        if missing and not any(p.startswith(f"{name} (") for p in problems):
+            label = f"{name or '<model>'} ({type(module).__name__})"
+            problems.append(f"{label}: no {'/'.join(missing)} structure this pruner knows how to cut")
+    return sites, problems
+
+
+def _contains(outer: nn.Module, inner: nn.Module) -> bool:
+    return any(m is inner for m in outer.modules())
+
+
+# --------------------------------------------------------------------------------------------------------
+# checking a site's group: it must stay inside the block
+
+
+def _check_group(graph: tp.DependencyGraph, site: _Site, group) -> str | None:
+    """Why the group would cut more than the site's structures, or None."""
+    inside = {id(m) for m in site.block.modules()}
+    producers = {id(p): p for p in site.producers}
+    cut: set[int] = set()
+    channels = site.size * site.width
+    for dep, idxs in group:
+        module, fn = dep.target.module, dep.handler
+        if isinstance(module, nn.Parameter):
+            return f"its channels reach the parameter {graph._param_to_name.get(module, '?')}"
+        if not isinstance(module, nn.Module) or not list(module.parameters(recurse=False)):
+            continue  # tp's stand-ins for reshapes, activations, attention: nothing to cut
+        label = f"{graph._module2name.get(module, '?')} ({type(module).__name__})"
+        if id(module) not in inside:
+            return f"its channels reach {label} outside the block"
+        out_side = graph.is_out_channel_pruning_fn(fn)
+        if isinstance(module, nn.Linear) or (type(module) is nn.Conv2d and module.groups == 1):
+            if out_side:
+                if id(module) not in producers:
+                    return f"its group also cuts the outputs of {label}"
+                whole = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+                if len(idxs) != whole:
+                    return f"its group cuts only {len(idxs)} of the {whole} outputs of {label}"
+                cut.add(id(module))
+        elif isinstance(module, _NORMS):
+            size = module.num_features if isinstance(module, _BatchNorm) else module.normalized_shape[-1]
+            if size != channels:
+                return (
+                    f"its group cuts {label}, which normalizes {size} features, not the {channels} channels"
+                )
+        elif isinstance(module, nn.Conv2d) and module.groups != 1:
+            return f"its group reaches the grouped convolution {label}"
+        else:
+            return f"its group reaches {label}, which this pruner does not cut"
+    missing = [graph._module2name.get(p, "?") for i, p in producers.items() if i not in cut]
+    if missing:
+        return f"tp's group does not reach {', '.join(missing)}"
+    return None
+
+
+def _full_group(graph: tp.DependencyGraph, site: _Site):
+    return graph.get_pruning_group(site.root, site.root_fn, list(range(site.size * site.width)))
+
+
+# --------------------------------------------------------------------------------------------------------
+# scores
+
+
+def _importance(importance: str) -> tp.importance.Importance:
+    # summed over the group's layers, unnormalized: per-weight normalization for the global scope is ours
+    if importance == "taylor":
+        return tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None, multivariable=True)
+    return tp.importance.GroupMagnitudeImportance(
+        p=1 if importance == "l1" else 2, group_reduction="sum", normalizer=None
+    )
+
+
+def _weights_per_structure(site: _Site) -> float:
+    """Weights (norm gammas included, biases not: what tp's scores sum over) owned by one structure."""
+    total = 0
+    for dep, idxs in site.group:
+        module, fn = dep.target.module, dep.handler
+        if isinstance(module, nn.Linear | nn.Conv2d):
+            weight = module.weight
+            out_side = fn in (tp.prune_linear_out_channels, tp.prune_conv_out_channels)
+            total += len(idxs) * (weight[0].numel() if out_side else weight.numel() // weight.shape[1])
+        elif isinstance(module, _NORMS) and getattr(module, "weight", None) is not None:
+            total += len(idxs)
+    return total / site.size
+
+
+def _lacks_grads(site: _Site) -> bool:
+    """tp's Taylor score reads ``.grad`` of every Linear / Conv / LayerNorm weight in the group and fails
+    on a missing one."""
+    for dep, _ in site.group:
+        weight = getattr(dep.target.module, "weight", None)
+        if isinstance(dep.target.module, nn.Linear | nn.Conv2d | nn.LayerNorm) and weight is not None:
+            if weight.grad is None:
+                return True
+    return False
+
+
+def _scores(site: _Site, scorer: tp.importance.Importance) -> Tensor:
+    imp = scorer(site.group)
+    if imp is None:
+        raise ValueError(f"tp found no weights to score in the group of {site.name}")
+    return imp.detach().float().cpu().view(site.size, site.width).sum(1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# selection: how many structures each site keeps, and which
 
 
 def _keep_count(n: int, ratio: float) -> int:
@@ -527,31 +443,22 @@ def _global_keep(scores: list[Tensor], ratio: float) -> list[Tensor]:
     ]
 
 
-def _per_weight(score: Tensor, site: Site, importance: str) -> Tensor:
-    """Score on a per-weight scale (mean |w|, RMS, Taylor per weight): comparable across site shapes."""
-    n = site.weights_per_structure()
-    return score / (math.sqrt(n) if importance == "l2" else n)
-
-
-def select_structures(
-    sites: list[Site], scores: list[Tensor], ratio: float, scope: str, importance: str
-) -> list[Tensor]:
-    """For each site, the sorted indices of the structures to keep."""
+def _select(sites: list[_Site], scores: list[Tensor], ratio: float, scope: str) -> list[Tensor]:
+    """Kept structure indices per site (see "selection" above)."""
     if scope == "per_layer":
         return [_top(s, _keep_count(site.size, ratio)) for site, s in zip(sites, scores, strict=True)]
     keeps: list[Tensor | None] = [None] * len(sites)
     for kind in KINDS:
         members = [i for i, site in enumerate(sites) if site.kind == kind]
-        if not members:
-            continue
-        normalized = [_per_weight(scores[i], sites[i], importance) for i in members]
-        for i, keep in zip(members, _global_keep(normalized, ratio), strict=True):
-            keeps[i] = keep
+        if members:
+            normalized = [scores[i] / _weights_per_structure(sites[i]) for i in members]
+            for i, keep in zip(members, _global_keep(normalized, ratio), strict=True):
+                keeps[i] = keep
     return keeps
 
 
 # --------------------------------------------------------------------------------------------------------
-# public entry points
+# public entry point
 
 
 def _validate(
@@ -573,41 +480,137 @@ def _validate(
         )
 
 
+def _raise_unprunable(tower: str, problems: list[str], cause: Exception | None = None) -> None:
+    raise ValueError(
+        f"prune: cannot prune {tower}; blocks it cannot cut (restrict targets): " + "; ".join(problems)
+    ) from cause
+
+
 def prune_model(
     model: nn.Module,
     ratio: float,
+    example_inputs: object,
     importance: str = "l1",
     scope: str = "per_layer",
     targets: Iterable[str] = KINDS,
     grads_available: bool = False,
 ) -> dict:
-    """Prune, in place, every tower found in ``model`` (a DualEncoder, a tower, a bare timm backbone):
-    text-tower and ViT heads and MLP channels, ResNet inner block channels.
+    """Prune ``model`` in place: attention heads, MLP hidden channels and inner ResNet block channels, never
+    a residual stream or a tower's output width. ``model``: a ``DualEncoder`` (then
+    ``example_inputs={"image": images, "text": tokens}``, one graph per tower), a tower, or a bare timm /
+    Hugging Face module (``example_inputs``: a tensor, a tuple of positional or a dict of keyword
+    arguments). ``ratio``: the fraction of each kind's structures removed, in [0, 1); ``importance``: l1 |
+    l2 | taylor (needs ``accumulate_grads`` first and ``grads_available=True``); ``scope``: per_layer |
+    global; ``targets``: any of ``KINDS``.
 
     Returns ``{"params_before", "params_after", "removed": {kind: n}, "layers": {site: (before, after)}}``.
-    Ratio 0 leaves every module untouched (the text tower is still converted, exactly).
-    """
+    Raises ``ValueError`` when a block of a requested kind cannot be cut (named, with why), before anything
+    is cut. Ratio 0 changes no module (text towers are still converted, exactly)."""
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     _validate(ratio, importance, scope, targets, grads_available)
     params_before = count_params(model)
-    sites = find_sites(convert_text_towers(model), targets)
-    if importance == "taylor" and not _has_grads(sites):
-        raise ValueError("importance='taylor' but no prunable weight has a .grad: run accumulate_grads first")
-    scores = [structure_scores(site, importance) for site in sites]
-    keeps = select_structures(sites, scores, ratio, scope, importance)
+    convert_text_towers(model)
+    towers = _towers(model, example_inputs)
+
+    # everything is found and checked before anything is cut: a refused block leaves the model as it was
+    plans = []
+    with _traceable(model):
+        for tower in towers:
+            sites, problems = _find_sites(tower, targets)
+            if problems:
+                _raise_unprunable(tower.name, problems)
+            if not sites:  # nothing of the requested kinds in this tower: no graph needed
+                continue
+            shapes: list[tuple] = []
+
+            def record(m, x, forward=tower.forward, shapes=shapes):
+                out = forward(m, x)
+                shapes.extend(tuple(t.shape) for t in _flat(out))
+                return out
+
+            try:
+                graph = tp.DependencyGraph().build_dependency(
+                    model, example_inputs=tower.inputs, forward_fn=record, verbose=False
+                )
+            except Exception as exc:  # tp raises on module types and ops it cannot trace
+                names = [f"{n} ({type(m).__name__})" for n, m in tower.modules if _kinds_of(m) & set(targets)]
+                _raise_unprunable(tower.name, [f"tp failed to trace it: {exc!r}"] + names, exc)
+            for site in sites:
+                if site.root not in graph.module2node:
+                    problems.append(f"{site.name}: not reached by the traced forward")
+                    continue
+                try:
+                    site.group = _full_group(graph, site)
+                except Exception as exc:
+                    problems.append(f"{site.name} ({type(site.block).__name__}): tp raised {exc!r}")
+                    continue
+                if why := _check_group(graph, site, site.group):
+                    problems.append(f"{site.name} ({type(site.block).__name__}): {why}")
+            if problems:
+                _raise_unprunable(tower.name, problems)
+            plans.append((tower, graph, sites, shapes))
+
+    all_sites = [site for _, _, sites, _ in plans for site in sites]
+    if importance == "taylor":
+        missing = [site.name for site in all_sites if _lacks_grads(site)]
+        if missing:
+            raise ValueError(
+                "importance='taylor' but these sites have weights without .grad (run accumulate_grads): "
+                + ", ".join(missing)
+            )
+    scorer = _importance(importance)
+    scores = [_scores(site, scorer) for site in all_sites]
+    keeps = iter(_select(all_sites, scores, ratio, scope))
+
+    requires_grad = {
+        (m, n): p.requires_grad for m in model.modules() for n, p in m.named_parameters(recurse=False)
+    }
     removed = dict.fromkeys(KINDS, 0)
     layers = {}
-    for site, keep in zip(sites, keeps, strict=True):
-        removed[site.kind] += site.size - len(keep)
-        layers[site.name] = (site.size, len(keep))
-        if len(keep) < site.size:
-            site.keep(keep.to(next(iter(site.owned)).param.device))
+    for tower, graph, sites, shapes in plans:
+        changed = False
+        for site in sites:
+            keep = next(keeps)
+            gone = sorted(set(range(site.size)) - set(keep.tolist()))
+            removed[site.kind] += len(gone)
+            layers[site.name] = (site.size, site.size - len(gone))
+            if not gone:
+                continue
+            channels = [h * site.width + c for h in gone for c in range(site.width)]
+            with torch.no_grad():
+                graph.get_pruning_group(site.root, site.root_fn, channels).prune()
+            if site.after is not None:
+                site.after(site.size - len(gone))
+            changed = True
+        if changed:
+            _check_forward(model, tower, shapes)
+    # tp rebuilds every cut parameter as a fresh nn.Parameter, which requires grad: keep frozen ones frozen
+    for (module, name), flag in requires_grad.items():
+        param = module._parameters.get(name)
+        if param is not None and param.requires_grad != flag:
+            param.requires_grad_(flag)
     return {
         "params_before": params_before,
         "params_after": count_params(model),
         "removed": removed,
         "layers": layers,
     }
+
+
+def _check_forward(model: nn.Module, tower: _Tower, shapes: list[tuple]) -> None:
+    """The pruned tower still runs on the example inputs and gives outputs of the same shapes."""
+    training = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            after = [tuple(t.shape) for t in _flat(tower.forward(model, tower.inputs))]
+    except Exception as exc:
+        raise RuntimeError(f"prune: {tower.name} no longer runs after pruning: {exc!r}") from exc
+    finally:
+        for m, mode in training.items():
+            m.training = mode
+    if after != shapes:
+        raise RuntimeError(f"prune: {tower.name} output shapes changed from {shapes} to {after}")
 
 
 def accumulate_grads(
@@ -636,38 +639,3 @@ def accumulate_grads(
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-# torch counts the CUDA attention kernels but not the CPU one, which SDPA (ours, timm's, nn.MHA's) uses here
-_EXTRA_FLOP_FORMULAS = (
-    {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
-    if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
-    else {}
-)
-
-
-def estimate_flops(
-    model: nn.Module, example_inputs: Tensor | tuple, forward: Callable[..., object] | None = None
-) -> int:
-    """FLOPs of one forward on ``example_inputs`` (a tensor, or a tuple of positional arguments), counted by
-    ``FlopCounterMode`` in eval mode without grad (mode restored; BatchNorm statistics untouched). Counts
-    matmuls, convolutions and fused attention (the CPU kernel too); not norms or activations. ``forward``
-    (default: ``model`` itself) is what runs on the inputs, e.g. both encoders of a dual encoder."""
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    flags = {m: m.training for m in model.modules()}
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    model.eval()
-    # nn.MultiheadAttention's fused inference kernel has no FLOP formula (counts 0): use the plain path
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
-            (forward or model)(*inputs)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-        for module, training in flags.items():
-            module.training = training
-    return int(counter.get_total_flops())

@@ -6,12 +6,49 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from autoglm_train.compress.prune import estimate_flops
 from autoglm_train.compress.sensitivity import embedding_fidelity
+
+
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# torch counts the CUDA attention kernels but not the CPU one, which SDPA (ours, timm's, nn.MHA's) uses here
+_EXTRA_FLOP_FORMULAS = (
+    {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+    if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    else {}
+)
+
+
+def estimate_flops(
+    model: nn.Module, example_inputs: Tensor | tuple, forward: Callable[..., object] | None = None
+) -> int:
+    """FLOPs of one forward on ``example_inputs`` (a tensor, or a tuple of positional arguments), counted by
+    ``FlopCounterMode`` in eval mode without grad (mode restored; BatchNorm statistics untouched). Counts
+    matmuls, convolutions and fused attention (the CPU kernel too); not norms or activations. ``forward``
+    (default: ``model`` itself) is what runs on the inputs, e.g. both encoders of a dual encoder."""
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    flags = {m: m.training for m in model.modules()}
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    model.eval()
+    # nn.MultiheadAttention's fused inference kernel has no FLOP formula (counts 0): use the plain path
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
+            (forward or model)(*inputs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        for module, training in flags.items():
+            module.training = training
+    return int(counter.get_total_flops())
 
 
 def count_flops(model, images: torch.Tensor, tokens: torch.Tensor) -> int:

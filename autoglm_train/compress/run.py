@@ -30,7 +30,6 @@ from autoglm_train.compress.report import (
     sweep_plot,
 )
 from autoglm_train.compress.serving import OrtDualEncoder
-from autoglm_train.compress.tp_prune import tp_prune_model
 from autoglm_train.config_check import check_compress_config
 from autoglm_train.losses.infonce import infonce_loss
 from autoglm_train.model.lora import merge_
@@ -68,17 +67,16 @@ def prune_once(model, ratio: float, cfg: DictConfig, calibration: list[dict]) ->
             return infonce_loss(image, text, image, text, m.logit_scale())
 
         pruning.accumulate_grads(model, loss_fn, calibration)
-    options = dict(
+    example = {"image": calibration[0]["image"][:2], "text": calibration[0]["text"][:2]}
+    report = pruning.prune_model(
+        model,
+        ratio,
+        example,
         importance=cfg.prune.importance,
         scope=cfg.prune.scope,
         targets=tuple(cfg.prune.targets),
         grads_available=taylor,
     )
-    if cfg.prune.backend == "torch_pruning":
-        example = {"image": calibration[0]["image"][:2], "text": calibration[0]["text"][:2]}
-        report = tp_prune_model(model, ratio, example, **options)
-    else:
-        report = pruning.prune_model(model, ratio, **options)
     model.zero_grad(set_to_none=True)
     return report
 
