@@ -93,7 +93,7 @@ def scan_shards(urls: list[str], skips: SkipCounter, known: dict[str, str] | Non
                     "webdataset key, which must be unique across the shards (embed without --update)"
                 )
             seen[key] = url
-        record = {"id": key, "hash": content_digest(sample, "captions"), "shard": shard_of[url]}
+        record = {"id": key, "hash": content_digest(sample), "shard": shard_of[url]}
         if known is not None and known.get(key) == record["hash"]:
             yield record
             continue

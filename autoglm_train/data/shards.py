@@ -544,20 +544,18 @@ def usable_samples(urls: Sequence[str], caption_key: str, skips: SkipCounter) ->
             yield out
 
 
-def content_digest(sample: dict, caption_key: str) -> str:
-    """A digest of what a raw sample (``raw_samples``) gives ``decode``: its image's bytes and its
-    captions (as ``read_captions`` reads them, so other json fields do not count; a caption field it
-    cannot read counts as its bytes). Equal digests: the same decoded sample, without decoding it."""
+def content_digest(sample: dict) -> str:
+    """A digest of the raw bytes a raw sample (``raw_samples``) gives ``decode``: its image and the field
+    its captions are read from (``json``, else ``txt``), each named. Equal digests: the same decoded
+    sample, without decoding it or parsing its json (whose other fields then count too: a change there
+    reads as a change of the sample, the safe side)."""
     h = hashlib.blake2b(digest_size=16)
-    for key in IMAGE_KEYS:
-        if key in sample:
-            h.update(key.encode() + b"\0" + sample[key])
-            break
-    try:
-        captions = json.dumps(read_captions(sample, caption_key), ensure_ascii=False).encode()
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        captions = sample.get("json", sample.get("txt", b""))
-    h.update(b"\0captions\0" + captions)
+    for fields in (IMAGE_KEYS, ("json", "txt")):
+        for key in fields:
+            if key in sample:
+                h.update(f"{key} {len(sample[key])}\0".encode())  # named and sized: no two splits alike
+                h.update(sample[key])
+                break
     return h.hexdigest()
 
 
