@@ -226,6 +226,12 @@ def test_embed_writes_a_faiss_index_and_answers_text_queries(
     # querying the saved index answers as the fresh one did
     assert embed_main([*common, "--index", str(tmp_path / "index"), "--query", "a red circle"]) == 0
     assert capsys.readouterr().out.split("'a red circle':")[1] == printed.split("'a red circle':")[1]
+    # --update against the same shards embeds nothing; the int8 export of the same model is another model
+    update = ["--shards", shards, "--index", str(tmp_path / "index"), "--update"]
+    assert embed_main([*common, *update]) == 0
+    assert "0 added, 0 changed, 0 removed, 250 unchanged" in capsys.readouterr().out
+    assert embed_main(["--model", str(exports / "int8"), "--no-progress", *update]) == 2
+    assert f"built with the export {exports / 'fp32'}" in capsys.readouterr().err
     # an approximate index reports its recall against exact search
     assert (
         embed_main([*common, "--shards", shards, "--out", str(tmp_path / "hnsw"), "--index-type", "hnsw"])
