@@ -649,6 +649,11 @@ COMPRESS_RULES = [
     integer("quantize.calibration_batches", 1),
     one_of("quantize.image", QUANT_MODES),
     one_of("quantize.text", QUANT_MODES),
+    custom(
+        "token_merge.r",
+        "an integer >= 0 or a list of them (tokens merged away per block; 0: off)",
+        lambda v: all(is_integer(r) and r >= 0 for r in (v if isinstance(v, list) else [v])),
+    ),
     integer("data.num_workers", 0),
     integer("report.latency_batch", 1),
     integer("report.repeats", 1),

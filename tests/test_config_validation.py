@@ -90,6 +90,8 @@ BAD_COMPRESSION = [
     (["report.repeats=0"], "report.repeats"),
     (["lowrank_heads.energy=0"], "lowrank_heads.energy"),
     (["lowrank_heads.rank=0"], "lowrank_heads.rank"),
+    (["token_merge.r=-2"], "token_merge.r"),
+    (["token_merge.r=[4,two]"], "token_merge.r"),
 ]
 
 

@@ -1,6 +1,7 @@
 """The compression job: load a trained dual encoder, prune it (iteratively, each step followed by a
 distilled fine-tune), export the original and the pruned model to ONNX, quantize the graphs to int8 with
-ONNX Runtime, and report every variant, PyTorch and ONNX Runtime, side by side."""
+ONNX Runtime, and report every variant, PyTorch and ONNX Runtime, side by side; with ``token_merge.r``, a
+family of rows for token merging in a ViT image tower (per r: image speed and recall against r = 0)."""
 
 from __future__ import annotations
 
@@ -12,19 +13,26 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, ListConfig, open_dict
 from rich.console import Console
 
 from autoglm_train.compress import prune as pruning
-from autoglm_train.compress.export import export_model, graphs_size
+from autoglm_train.compress.export import export_image_variant, export_model, graphs_size
 from autoglm_train.compress.load import load_trained
 from autoglm_train.compress.lowrank import factorize_heads
 from autoglm_train.compress.quantize import quantize_export
 from autoglm_train.compress.recover import evaluate, finetune, frozen_copy
-from autoglm_train.compress.report import count_flops, markdown_table, measure_latency, sweep_plot
+from autoglm_train.compress.report import (
+    count_flops,
+    markdown_table,
+    measure_latency,
+    sweep_plot,
+    token_merge_table,
+)
 from autoglm_train.compress.serving import OrtDualEncoder
+from autoglm_train.compress.token_merge import check_token_merging, image_backbone, token_merged, tokens_left
 from autoglm_train.compress.tp_prune import tp_prune_model
-from autoglm_train.config_check import check_compress_config
+from autoglm_train.config_check import ConfigError, check_compress_config, show
 from autoglm_train.losses.infonce import infonce_loss
 from autoglm_train.model.lora import merge_
 from autoglm_train.utils.files import atomic_write_text
@@ -167,6 +175,9 @@ def run(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]Run directory:[/bold] {out}")
     trained = load_trained(cfg.ckpt)
+    merge_rs = merge_values(cfg.token_merge.r)
+    if merge_rs:
+        check_merge_tower(trained, cfg.token_merge.r)
     datamodule = build_data(trained, cfg)
     val_batches = list(datamodule.val_dataloader())
     train_stream = iter(datamodule._loader(train=True))
@@ -219,6 +230,13 @@ def run(cfg: DictConfig) -> dict:
     for row in rows:
         row["latency_s"] = row[f"latency_s_b{n}"]
 
+    token_merge = []
+    if merge_rs:
+        original_export = next(Path(r["export_dir"]) for r in rows if r["variant"] == "ORT fp32")
+        token_merge = token_merge_family(
+            original, merge_rs, out, trained.tokenizer, preprocess, example, val_batches,
+            cfg.report.repeats, original_export,
+        )  # fmt: skip
     sweep = [
         sweep_point(original, teacher, ratio, cfg, datamodule, calibration, val_batches, example)
         for ratio in cfg.report.sweep_ratios
@@ -229,10 +247,19 @@ def run(cfg: DictConfig) -> dict:
         "latency_batch": n,
         "rows": rows,
         "sweep": sweep,
+        "token_merge": token_merge,
     }
     table = markdown_table(rows, batch=n)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     text = f"# Compression report\n\nCheckpoint: `{cfg.ckpt}`\n\n{table}\n"
+    if token_merge:
+        merge_table = token_merge_table(token_merge, batch=n)
+        text += (
+            "\n## Token merging in the image tower\n\nr tokens merged away per block; the image encoder "
+            "alone, timed side by side; speed-up and Δ r1 against r = 0 on the same runtime.\n\n"
+            f"{merge_table}\n"
+        )
+        console.print(merge_table)
     if sweep:
         sweep_plot(sweep, out / "pruning_sweep.png")
         text += "\n![pruning sweep](pruning_sweep.png)\n"
@@ -265,3 +292,75 @@ def sweep_point(original, teacher, ratio, cfg, datamodule, calibration, val_batc
         **evaluate(model, val_batches),
         "speedup": latency["original"] / latency["pruned"],
     }
+
+
+def merge_values(value) -> list[int]:
+    """``token_merge.r`` (an integer, or a list of them) as the r values to report; 0 is the original."""
+    values = list(value) if isinstance(value, list | ListConfig) else [value]
+    return sorted({int(v) for v in values if int(v) > 0})
+
+
+def check_merge_tower(trained, value) -> None:
+    """A ``ConfigError`` where token merging is asked of an image tower that cannot merge tokens."""
+    reason = check_token_merging(trained.model)
+    if reason:
+        name = trained.cfg.model.get("image_tower", {}).get("name")
+        tower = f" (model.image_tower.name={name})" if name else ""
+        raise ConfigError(
+            [f"token_merge.r={show(value)}: token merging {reason}{tower}; set token_merge.r=0"], "compression"
+        )
+
+
+@torch.no_grad()
+def token_merge_family(
+    original,
+    rs: list[int],
+    out: Path,
+    tokenizer,
+    preprocess: dict,
+    example: dict,
+    val_batches: list[dict],
+    repeats: int,
+    original_export: Path | None = None,
+) -> list[dict]:
+    """r = 0 (``original``) and each r of ``rs`` merged per block in the image tower: PyTorch and ONNX
+    Runtime fp32 (exported per r; ``original_export``, when given, is r = 0's), evaluated, the image encoder
+    timed alone (interleaved, at batch 1 and at the example's), speed-up and Δ r1 against r = 0 on the same
+    runtime; ORT rows also record their largest difference from PyTorch's embeddings."""
+    images = example["images"]
+    backbone = image_backbone(original)
+    models, rows = {}, []
+    for r in [0, *rs]:
+        model = original if r == 0 else token_merged(original, r)
+        if r == 0:
+            export_dir = original_export or export_model(
+                model, tokenizer, out / "exports" / "token_merge_r0", preprocess, images
+            )
+            base_export = export_dir
+        else:  # the text graph is r = 0's
+            export_dir = export_image_variant(model, base_export, out / "exports" / f"token_merge_r{r}", images)
+        served = OrtDualEncoder(export_dir, threads=torch.get_num_threads())
+        flops = pruning.estimate_flops(model, (images,), forward=model.encode_image)
+        common = {"r": r, "tokens": tokens_left(backbone, r), "image_flops": flops}
+        embeddings = model.encode_image(images)
+        for runtime, variant in (("PyTorch fp32", model), ("ONNX Runtime fp32", served)):
+            row = {"variant": f"token merge r={r} ({runtime})", "runtime": runtime, **common}
+            if variant is served:
+                row["export_dir"] = str(export_dir)
+                row["max_abs_diff_vs_pytorch"] = float((served.encode_image(images) - embeddings).abs().max())
+            row.update(evaluate(variant, val_batches))
+            console.print(f"{row['variant']}: val/r1_mean {row['val/r1_mean']:.4f}")
+            models[row["variant"]] = variant
+            rows.append(row)
+    n = len(images)
+    for batch_size in sorted({1, n}):
+        latency = measure_latency(models, images[:batch_size], None, repeats)
+        for row in rows:
+            row[f"latency_s_b{batch_size}"] = latency[row["variant"]]
+            row[f"throughput_b{batch_size}"] = batch_size / latency[row["variant"]]
+    base = {row["runtime"]: row for row in rows if row["r"] == 0}
+    for row in rows:
+        row["latency_s"] = row[f"latency_s_b{n}"]
+        row["speedup"] = base[row["runtime"]]["latency_s"] / row["latency_s"]
+        row["delta_r1_mean"] = row["val/r1_mean"] - base[row["runtime"]]["val/r1_mean"]
+    return rows
