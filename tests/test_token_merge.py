@@ -60,9 +60,9 @@ def reference_merge(x, size, metric, r, prefix):
     for xb, sb, mb in zip(x, size, metric, strict=True):
         a = list(range(prefix, len(xb), 2))
         b = list(range(prefix + 1, len(xb), 2))
-        cos = lambda i, j: F.cosine_similarity(mb[i], mb[j], dim=0)  # noqa: E731
-        partner = {i: max(b, key=lambda j, i=i: cos(i, j)) for i in a}
-        ranked = sorted(a, key=lambda i: -cos(i, partner[i]))
+        cos = F.cosine_similarity(mb[:, None], mb[None], dim=-1)  # (N, N)
+        partner = {i: max(b, key=lambda j, i=i: cos[i, j]) for i in a}
+        ranked = sorted(a, key=lambda i: -cos[i, partner[i]])
         merged, kept = ranked[:r], ranked[r:]
         rows, row_sizes = [xb[:prefix]], [sb[:prefix]]
         rows += [xb[i : i + 1] for i in kept]

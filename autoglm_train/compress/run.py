@@ -306,9 +306,8 @@ def check_merge_tower(trained, value) -> None:
     if reason:
         name = trained.cfg.model.get("image_tower", {}).get("name")
         tower = f" (model.image_tower.name={name})" if name else ""
-        raise ConfigError(
-            [f"token_merge.r={show(value)}: token merging {reason}{tower}; set token_merge.r=0"], "compression"
-        )
+        problem = f"token_merge.r={show(value)}: token merging {reason}{tower}; set token_merge.r=0"
+        raise ConfigError([problem], "compression")
 
 
 @torch.no_grad()
@@ -338,7 +337,8 @@ def token_merge_family(
             )
             base_export = export_dir
         else:  # the text graph is r = 0's
-            export_dir = export_image_variant(model, base_export, out / "exports" / f"token_merge_r{r}", images)
+            export_dir = out / "exports" / f"token_merge_r{r}"
+            export_image_variant(model, base_export, export_dir, images)
         served = OrtDualEncoder(export_dir, threads=torch.get_num_threads())
         flops = pruning.estimate_flops(model, (images,), forward=model.encode_image)
         common = {"r": r, "tokens": tokens_left(backbone, r), "image_flops": flops}

@@ -79,9 +79,7 @@ def bipartite_merge(
     a_size, b_size = rest_size[:, 0::2], rest_size[:, 1::2]
     width = x.shape[-1]
     # sums of size * value and of sizes over each B token and the A tokens merged into it
-    b_sum = (b_x * b_size).scatter_add(
-        1, _rows(destination, width), _take(a_x * a_size, merged)
-    )
+    b_sum = (b_x * b_size).scatter_add(1, _rows(destination, width), _take(a_x * a_size, merged))
     b_total = b_size.scatter_add(1, destination.unsqueeze(-1), _take(a_size, merged))
     out = torch.cat([keep_x, _take(a_x, unmerged), b_sum / b_total], dim=1)
     return out, torch.cat([keep_size, _take(a_size, unmerged), b_total], dim=1)
@@ -96,7 +94,9 @@ def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return t.gather(1, _rows(index, t.shape[-1]))
 
 
-def attention(attn: Attention, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def attention(
+    attn: Attention, x: torch.Tensor, size: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """timm ``Attention`` on ``x`` (the same computation, from its own layers), with ``log(size)`` added to
     the logits where tokens have sizes; also returns the keys averaged over heads ``(B, N, head_dim)``."""
     batch, tokens, _ = x.shape
