@@ -656,6 +656,11 @@ COMPRESS_RULES = [
     ),
     number("quantize.min_cosine", 0, 1, low_open=True),  # 1 asks for no change at all: every node fp32
     integer("quantize.sensitivity_batches", 1),
+    custom(
+        "token_merge.r",
+        "an integer >= 0 or a list of them (tokens merged away per block; 0: off)",
+        lambda v: all(is_integer(r) and r >= 0 for r in (v if isinstance(v, list) else [v])),
+    ),
     integer("data.num_workers", 0),
     integer("report.latency_batch", 1),
     integer("report.repeats", 1),

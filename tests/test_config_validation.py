@@ -93,6 +93,8 @@ BAD_COMPRESSION = [
     (["lowrank_heads.rank=0"], "lowrank_heads.rank"),
     (["quantize.exclude=some"], "quantize.exclude"),
     (["quantize.min_cosine=1.5"], "quantize.min_cosine"),
+    (["token_merge.r=-2"], "token_merge.r"),
+    (["token_merge.r=[4,two]"], "token_merge.r"),
 ]
 
 

@@ -176,6 +176,20 @@ def export_model(
     return out
 
 
+@torch.no_grad()
+def export_image_variant(model, src: str | Path, out_dir: str | Path, example_images: torch.Tensor) -> Path:
+    """An export beside ``src`` that differs in its image encoder only (``model`` 's: token merging, say):
+    the image graph exported, the text graph, tokenizer, fusion graphs and ``export.json`` copied from
+    ``src``; returns ``out_dir``."""
+    src, out = Path(src), Path(out_dir)
+    copy_sidecars(src, out, json.loads((src / META_FILE).read_text()))
+    shutil.copyfile(src / TEXT_FILE, out / TEXT_FILE)
+    model = merge_(copy.deepcopy(model)).float().eval()
+    images = example_images[:2].float().contiguous()
+    export_graph(_Encoder(model.image_tower, model.image_proj), images, out / IMAGE_FILE, "images")
+    return out
+
+
 def copy_sidecars(src: Path, dst: Path, meta: dict) -> None:
     """The tokenizer of the export in ``src`` next to another's graphs in ``dst``, with ``meta`` as its
     ``export.json``; the fusion stage's graphs too, as they are (fp32)."""

@@ -1,6 +1,7 @@
 """What compression cost and bought: parameters, file size, FLOPs, CPU latency per batch and throughput
 at batch 1 (all variants, PyTorch and ONNX Runtime, timed side by side, interleaved, median of repeats)
-and retrieval, as a Markdown and JSON table; and the pruning-ratio sweep as a plot."""
+and retrieval, as a Markdown and JSON table; the token-merging family (image encoder alone, per r) as a
+second table; and the pruning-ratio sweep as a plot."""
 
 from __future__ import annotations
 
@@ -62,9 +63,11 @@ def count_flops(model, images: torch.Tensor, tokens: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def measure_latency(variants: dict, images: torch.Tensor, tokens: torch.Tensor, repeats: int = 10) -> dict:
-    """Median seconds per batch (both encoders) of each variant, timed in interleaved rounds so that
-    machine noise hits all alike; two warm-up rounds first."""
+def measure_latency(
+    variants: dict, images: torch.Tensor, tokens: torch.Tensor | None, repeats: int = 10
+) -> dict:
+    """Median seconds per batch (both encoders; the image encoder alone where ``tokens`` is None) of each
+    variant, timed in interleaved rounds so that machine noise hits all alike; two warm-up rounds first."""
     for model in variants.values():
         model.eval()
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -72,7 +75,8 @@ def measure_latency(variants: dict, images: torch.Tensor, tokens: torch.Tensor, 
         for name, model in variants.items():
             start = time.perf_counter()
             model.encode_image(images)
-            model.encode_text(tokens)
+            if tokens is not None:
+                model.encode_text(tokens)
             if round_ >= 2:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
@@ -92,6 +96,25 @@ def markdown_table(rows: list[dict], batch: int, baseline: str = "original") -> 
             f"{flops} | {1000 * r['latency_s']:.1f} | {base['latency_s'] / r['latency_s']:.2f}x | "
             f"{r['throughput_b1']:.0f} | {r[f'throughput_b{batch}']:.0f} | "
             f"{r['val/r1_mean']:.4f} | {100 * (r['val/r1_mean'] - base['val/r1_mean']):+.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def token_merge_table(rows: list[dict], batch: int) -> str:
+    """The token-merging family: per ``r`` and runtime, the image encoder's cost and speed (speed-up over
+    r = 0 on the same runtime) and retrieval (Δ over r = 0 on the same runtime)."""
+    lines = [
+        f"| r | runtime | tokens at last block | image GFLOPs / batch | image CPU ms / batch of {batch} "
+        f"| speed-up | images/s at batch 1 | images/s at batch {batch} | val/i2t_r1 | val/t2i_r1 "
+        "| val/r1_mean | Δ r1 (points) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['r']} | {r['runtime']} | {r['tokens']} | {r['image_flops'] / 1e9:.2f} | "
+            f"{1000 * r['latency_s']:.1f} | {r['speedup']:.2f}x | {r['throughput_b1']:.0f} | "
+            f"{r[f'throughput_b{batch}']:.0f} | {r['val/i2t_r1']:.4f} | {r['val/t2i_r1']:.4f} | "
+            f"{r['val/r1_mean']:.4f} | {100 * r['delta_r1_mean']:+.1f} |"
         )
     return "\n".join(lines)
 

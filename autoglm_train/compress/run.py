@@ -1,6 +1,7 @@
 """The compression job: load a trained dual encoder, prune it (iteratively, each step followed by a
 distilled fine-tune), export the original and the pruned model to ONNX, quantize the graphs to int8 with
-ONNX Runtime, and report every variant, PyTorch and ONNX Runtime, side by side."""
+ONNX Runtime, and report every variant, PyTorch and ONNX Runtime, side by side; with ``token_merge.r``, a
+family of rows for token merging in a ViT image tower (per r: image speed and recall against r = 0)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, ListConfig, open_dict
 from rich.console import Console
 
 from autoglm_train.compress import prune as pruning
-from autoglm_train.compress.export import export_model, graphs_size
+from autoglm_train.compress.export import export_image_variant, export_model, graphs_size
 from autoglm_train.compress.load import load_trained
 from autoglm_train.compress.lowrank import factorize_heads
 from autoglm_train.compress.quantize import quantize_export, read_quantization
@@ -28,9 +30,11 @@ from autoglm_train.compress.report import (
     markdown_table,
     measure_latency,
     sweep_plot,
+    token_merge_table,
 )
 from autoglm_train.compress.serving import OrtDualEncoder
-from autoglm_train.config_check import check_compress_config
+from autoglm_train.compress.token_merge import check_token_merging, image_backbone, token_merged, tokens_left
+from autoglm_train.config_check import ConfigError, check_compress_config, show
 from autoglm_train.losses.infonce import infonce_loss
 from autoglm_train.model.lora import merge_
 from autoglm_train.utils.files import atomic_write_text
@@ -181,6 +185,9 @@ def run(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]Run directory:[/bold] {out}")
     trained = load_trained(cfg.ckpt)
+    merge_rs = merge_values(cfg.token_merge.r)
+    if merge_rs:
+        check_merge_tower(trained, cfg.token_merge.r)
     datamodule = build_data(trained, cfg)
     val_batches = list(datamodule.val_dataloader())
     train_stream = iter(datamodule._loader(train=True))
@@ -235,6 +242,13 @@ def run(cfg: DictConfig) -> dict:
     for row in rows:
         row["latency_s"] = row[f"latency_s_b{n}"]
 
+    token_merge = []
+    if merge_rs:
+        original_export = next(Path(r["export_dir"]) for r in rows if r["variant"] == "ORT fp32")
+        token_merge = token_merge_family(
+            original, merge_rs, out, trained.tokenizer, preprocess, example, val_batches,
+            cfg.report.repeats, original_export,
+        )  # fmt: skip
     sweep = [
         sweep_point(original, teacher, ratio, cfg, datamodule, calibration, val_batches, example)
         for ratio in cfg.report.sweep_ratios
@@ -245,6 +259,7 @@ def run(cfg: DictConfig) -> dict:
         "latency_batch": n,
         "rows": rows,
         "sweep": sweep,
+        "token_merge": token_merge,
     }
     table = markdown_table(rows, batch=n)
     fidelity = fidelity_tables(rows)
@@ -252,6 +267,14 @@ def run(cfg: DictConfig) -> dict:
     text = f"# Compression report\n\nCheckpoint: `{cfg.ckpt}`\n\n{table}\n"
     if fidelity:
         text += f"\n## INT8 fidelity\n\n{fidelity}\n"
+    if token_merge:
+        merge_table = token_merge_table(token_merge, batch=n)
+        text += (
+            "\n## Token merging in the image tower\n\nr tokens merged away per block; the image encoder "
+            "alone, timed side by side; speed-up and Δ r1 against r = 0 on the same runtime.\n\n"
+            f"{merge_table}\n"
+        )
+        console.print(merge_table)
     if sweep:
         sweep_plot(sweep, out / "pruning_sweep.png")
         text += "\n![pruning sweep](pruning_sweep.png)\n"
@@ -286,3 +309,78 @@ def sweep_point(original, teacher, ratio, cfg, datamodule, calibration, val_batc
         **evaluate(model, val_batches),
         "speedup": latency["original"] / latency["pruned"],
     }
+
+
+def merge_values(value) -> list[int]:
+    """``token_merge.r`` (an integer, or a list of them) as the r values to report; 0 is the original."""
+    values = list(value) if isinstance(value, list | ListConfig) else [value]
+    return sorted({int(v) for v in values if int(v) > 0})
+
+
+def check_merge_tower(trained, value) -> None:
+    """A ``ConfigError`` where token merging is asked of an image tower that cannot merge tokens."""
+    reason = check_token_merging(trained.model)
+    if reason:
+        name = trained.cfg.model.get("image_tower", {}).get("name")
+        tower = f" (model.image_tower.name={name})" if name else ""
+        problem = f"token_merge.r={show(value)}: token merging {reason}{tower}; set token_merge.r=0"
+        raise ConfigError([problem], "compression")
+
+
+@torch.no_grad()
+def token_merge_family(
+    original,
+    rs: list[int],
+    out: Path,
+    tokenizer,
+    preprocess: dict,
+    example: dict,
+    val_batches: list[dict],
+    repeats: int,
+    original_export: Path | None = None,
+) -> list[dict]:
+    """r = 0 (``original``) and each r of ``rs`` merged per block in the image tower: PyTorch and ONNX
+    Runtime fp32 (exported per r; ``original_export``, when given, is r = 0's), evaluated, the image encoder
+    timed alone (interleaved, at batch 1 and at the example's), speed-up and Δ r1 against r = 0 on the same
+    runtime; ORT rows also record their largest difference from PyTorch's embeddings (and least cosine)."""
+    images = example["images"]
+    backbone = image_backbone(original)
+    models, rows = {}, []
+    for r in [0, *rs]:
+        model = original if r == 0 else token_merged(original, r)
+        if r == 0:
+            export_dir = original_export or export_model(
+                model, tokenizer, out / "exports" / "token_merge_r0", preprocess, images
+            )
+            base_export = export_dir
+        else:  # the text graph is r = 0's
+            export_dir = out / "exports" / f"token_merge_r{r}"
+            export_image_variant(model, base_export, export_dir, images)
+        served = OrtDualEncoder(export_dir, threads=torch.get_num_threads())
+        flops = pruning.estimate_flops(model, (images,), forward=model.encode_image)
+        common = {"r": r, "tokens": tokens_left(backbone, r), "image_flops": flops}
+        embeddings = model.encode_image(images)
+        for runtime, variant in (("PyTorch fp32", model), ("ONNX Runtime fp32", served)):
+            row = {"variant": f"token merge r={r} ({runtime})", "runtime": runtime, **common}
+            if variant is served:
+                row["export_dir"] = str(export_dir)
+                onnx = served.encode_image(images)
+                row["max_abs_diff_vs_pytorch"] = float((onnx - embeddings).abs().max())
+                # a near-tie in the matching can go the other way under another kernel's rounding
+                row["min_cos_vs_pytorch"] = float(F.cosine_similarity(onnx, embeddings).min())
+            row.update(evaluate(variant, val_batches))
+            console.print(f"{row['variant']}: val/r1_mean {row['val/r1_mean']:.4f}")
+            models[row["variant"]] = variant
+            rows.append(row)
+    n = len(images)
+    for batch_size in sorted({1, n}):
+        latency = measure_latency(models, images[:batch_size], None, repeats)
+        for row in rows:
+            row[f"latency_s_b{batch_size}"] = latency[row["variant"]]
+            row[f"throughput_b{batch_size}"] = batch_size / latency[row["variant"]]
+    base = {row["runtime"]: row for row in rows if row["r"] == 0}
+    for row in rows:
+        row["latency_s"] = row[f"latency_s_b{n}"]
+        row["speedup"] = base[row["runtime"]]["latency_s"] / row["latency_s"]
+        row["delta_r1_mean"] = row["val/r1_mean"] - base[row["runtime"]]["val/r1_mean"]
+    return rows
