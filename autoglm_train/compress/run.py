@@ -25,6 +25,7 @@ from autoglm_train.compress.quantize import quantize_export, read_quantization
 from autoglm_train.compress.recover import evaluate, finetune, frozen_copy
 from autoglm_train.compress.report import (
     count_flops,
+    estimate_flops,
     fidelity_tables,
     held_out_fidelity,
     markdown_table,
@@ -357,7 +358,7 @@ def token_merge_family(
             export_dir = out / "exports" / f"token_merge_r{r}"
             export_image_variant(model, base_export, export_dir, images)
         served = OrtDualEncoder(export_dir, threads=torch.get_num_threads())
-        flops = pruning.estimate_flops(model, (images,), forward=model.encode_image)
+        flops = estimate_flops(model, (images,), forward=model.encode_image)
         common = {"r": r, "tokens": tokens_left(backbone, r), "image_flops": flops}
         embeddings = model.encode_image(images)
         for runtime, variant in (("PyTorch fp32", model), ("ONNX Runtime fp32", served)):
