@@ -83,3 +83,13 @@ def test_auto_keeps_the_fewest_most_harmful_nodes_fp32_and_reaches_the_target_he
     assert any(inputs.values())
     held = embedding_fidelity(reference, run_graph(tmp_path / "auto.onnx", [{"x": b} for b in held_out])[0])
     assert held["cosine"] >= target > full_cosine["cosine"]
+
+
+def test_a_broken_row_counts_as_the_worst_not_as_a_match():
+    # a quantized -inf attention mask writes NaN embeddings: they must fail any target, not reach it
+    reference = np.ones((3, 4), np.float32)
+    candidate = reference.copy()
+    candidate[1] = np.nan
+    fidelity = embedding_fidelity(reference, candidate)
+    assert fidelity["min_cosine"] == -1.0 and fidelity["cosine"] == pytest.approx(1 / 3)
+    assert fidelity["rel_error"] == np.inf

@@ -19,13 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
+from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, QLinearOpsRegistry
 from tqdm import tqdm
 
 from autoglm_train.compress.serving import session
 
-# what quantize_static (QDQ) and quantize_dynamic (integer ops) rewrite; any other node is left fp32
-QUANTIZED_OPS = {"static": set(QDQRegistry), "dynamic": set(IntegerOpsRegistry)}
+# what quantize_static (QDQ: its default op list is both registries, so Add and Softmax too) and
+# quantize_dynamic (integer ops) rewrite; any other node is left fp32
+QUANTIZED_OPS = {"static": set(QDQRegistry) | set(QLinearOpsRegistry), "dynamic": set(IntegerOpsRegistry)}
 # ops that only move or reshape a tensor: quantized only where their input already is, they add no error
 # of their own worth a measurement, and follow their neighbours' fate when those are kept fp32
 LAYOUT_OPS = {"Flatten", "Pad", "Reshape", "Slice", "Split", "Squeeze", "Transpose", "Unsqueeze"}
@@ -58,6 +59,9 @@ def embedding_fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict:
     norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
     cosine = np.where(norms > 0, dot / np.maximum(norms, 1e-30), 1.0)
     rel = np.linalg.norm(ref - cand, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-30)
+    # a NaN or infinite row (a quantized -inf mask does that) is the worst, not "no norm to compare"
+    broken = ~np.isfinite(cand).all(1)
+    cosine, rel = np.where(broken, -1.0, cosine), np.where(broken, np.inf, rel)
     return {"cosine": float(cosine.mean()), "min_cosine": float(cosine.min()), "rel_error": float(rel.mean())}
 
 
