@@ -96,12 +96,17 @@ def test_a_stall_is_named_with_spawned_workers(tmp_path):
     url, sleep_argument = stalling_url(good)
     loader = datamodule([url], [good], timeout=TIMEOUT)._loader(train=True)
     loader.multiprocessing_context = "spawn"
-    # a spawned worker imports torch before it reads anything: the loader's clock runs meanwhile
-    loader.timeout = 15
+    # a spawned worker imports torch before it reads anything, slowly on a loaded machine: the test's clock
+    # starts when the worker has opened the shard (an event), not when the loader started it
+    batches = iter(loader)  # starts the workers; the loader's own clock starts at the first next()
+    deadline = time.monotonic() + 300
+    while 0 not in loader.shard_watch.reading():
+        assert time.monotonic() < deadline, "the spawned worker never opened its shard"
+        time.sleep(0.1)
     start = time.monotonic()
     with pytest.raises(ShardStallError, match=re.escape(f"worker 0 was reading {url}")) as info:
-        next(iter(loader))
-    assert time.monotonic() - start < 25
+        next(batches)
+    assert time.monotonic() - start < TIMEOUT + 10
     del info
     gc.collect()
     time.sleep(1)
