@@ -555,6 +555,12 @@ TRAINER_RULES = [
     integer("trainer.skip_nonfinite_steps", 0, null=True),
     integer("trainer.grad_cache_chunks", 1, null=True),
     one_of("checkpoint.format", CHECKPOINT_FORMATS),
+    integer("checkpoint.keep_last", 1),
+    custom(
+        "resume.allow_changes",
+        "a list of dotted config keys (a key accepts the keys below it)",
+        lambda v: isinstance(v, list) and all(isinstance(k, str) and k for k in v),
+    ),
     one_of("trainer.strategy.mixed_precision", MIXED_PRECISION, when=lambda c: sharded(c)),
     flag("trainer.strategy.reshard_after_forward", when=lambda c: sharded(c)),
     flag("trainer.strategy.cpu_offload", when=lambda c: sharded(c)),

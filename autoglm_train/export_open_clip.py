@@ -19,6 +19,7 @@ from autoglm_train.distributed.fsdp import is_checkpoint
 from autoglm_train.model.lora import merge_
 from autoglm_train.model.open_clip import export_open_clip_state_dict, open_clip_load_call, open_clip_spec
 from autoglm_train.model.weights import load_checkpoint
+from autoglm_train.utils.checkpoint_files import verify_checkpoint
 
 OPEN_CLIP_TARGET = "autoglm_train.model.open_clip.open_clip_model"
 ARGS = ("ckpt", "out")
@@ -41,6 +42,7 @@ def check_trained_with_open_clip(ckpt: Path) -> None:
     """Refuse, before loading any weights, a checkpoint whose run did not use ``model=open_clip``."""
     if not is_checkpoint(ckpt):
         raise FileNotFoundError(f"checkpoint not found: {ckpt}")
+    verify_checkpoint(ckpt)  # a damaged file is refused as such, before anything else is said about it
     cfg = OmegaConf.load(run_dir_of(ckpt) / ".hydra" / "config.yaml")
     target = OmegaConf.select(cfg, "model._target_")
     if target != OPEN_CLIP_TARGET:

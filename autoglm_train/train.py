@@ -34,6 +34,7 @@ from autoglm_train.distributed.fsdp import is_checkpoint
 from autoglm_train.eval.run_metrics import final_metrics
 from autoglm_train.eval.zeroshot import zeroshot_metrics
 from autoglm_train.lit.callbacks import CommStats, ModelSummary, TrainTimer
+from autoglm_train.lit.checkpoint_io import VerifiedCheckpointIO
 from autoglm_train.lit.divergence import DivergenceGuard
 from autoglm_train.lit.feature_cache import FeatureCacheCallback
 from autoglm_train.lit.grad_cache import batch_norm_notice
@@ -41,6 +42,14 @@ from autoglm_train.lit.module import DualEncoderModule
 from autoglm_train.lit.preemption import Preemption
 from autoglm_train.lit.run_state import RunState
 from autoglm_train.model.momentum import MomentumEncoder
+from autoglm_train.model.weights import load_checkpoint
+from autoglm_train.resume_config import check_resume_config
+from autoglm_train.utils.checkpoint_files import (
+    DamagedCheckpointError,
+    history,
+    newest_good,
+    verify_checkpoint,
+)
 from autoglm_train.utils.files import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -92,18 +101,67 @@ def build_module(cfg: DictConfig, model, tokenizer_json: str | None = None) -> D
 
 
 def find_resume_checkpoint(output_dir: Path) -> Path | None:
-    """The newest checkpoint a requeued (or re-run) job left in its own run directory: Lightning's
-    preemption checkpoint (``hpc_ckpt_N.ckpt``, written on Slurm's warning signal) or the periodic
-    ``checkpoints/last.ckpt`` (all there is after a hard kill)."""
-    candidates = [*output_dir.glob("hpc_ckpt_*.ckpt"), output_dir / "checkpoints" / "last.ckpt"]
-    found = [p for p in candidates if is_checkpoint(p)]  # a file, or a sharded checkpoint's folder
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+    """The newest good checkpoint a requeued (or re-run) job left in its own run directory: Lightning's
+    preemption checkpoint (``hpc_ckpt_N.ckpt``, written on Slurm's warning signal), the periodic
+    ``checkpoints/last.ckpt`` (all there is after a hard kill) or a kept older version of it
+    (``last-1.ckpt``, ...). A damaged one (truncated by a full disk, half copied) is skipped, saying why."""
+    last = output_dir / "checkpoints" / "last.ckpt"
+    candidates = [*output_dir.glob("hpc_ckpt_*.ckpt"), *history(last)]
+    found = sorted(
+        (p for p in candidates if is_checkpoint(p)),  # a file, or a sharded checkpoint's folder
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    chosen, _, skipped = newest_good(found)
+    for path, why in skipped:
+        log.warning("resume: skipped %s: %s", path, why)
+    if skipped and chosen:
+        log.warning("resume: falling back to %s, the newest good checkpoint", chosen)
+    if skipped and not chosen:
+        raise DamagedCheckpointError(
+            f"no good checkpoint to resume from in {output_dir}: " + "; ".join(why for _, why in skipped)
+        )
+    return chosen
 
 
-def core_callbacks(skip_nonfinite_steps: int = 0) -> list[L.Callback]:
+def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> Path | None:
+    """What this run resumes from: ``ckpt_path`` as given (verified: a damaged one is refused, naming
+    any good older version beside it), else the newest good checkpoint of its own run directory."""
+    if not cfg.ckpt_path:
+        found = find_resume_checkpoint(output_dir)
+        if found:
+            console.print(f"[bold]Resuming[/bold] from {found} (found in the run directory)")
+        return found
+    path = Path(cfg.ckpt_path)
+    try:
+        verify_checkpoint(path)
+    except DamagedCheckpointError as exc:
+        older, _, _ = newest_good(history(path)[1:])
+        hint = f"; the newest good version beside it: ckpt_path={older}" if older else ""
+        raise DamagedCheckpointError(f"{exc}{hint}") from exc
+    return path
+
+
+def check_resume(cfg: DictConfig, ckpt_path: Path, config: dict) -> None:
+    """Refuse a resume whose config changes what the checkpoint's run was (``resume_config.py``)."""
+    saved = load_checkpoint(ckpt_path, mmap=True).get("config")
+    allow = list(cfg.get("resume", {}).get("allow_changes") or [])
+    accepted = check_resume_config(saved, config, allow)
+    if accepted:
+        log.info("resume: config changes accepted:\n  %s", "\n  ".join(accepted))
+
+
+def run_config(cfg: DictConfig) -> dict:
+    """The composed config as written (interpolations unresolved, so a key that follows another, such
+    as a schedule's length following ``trainer.max_steps``, changes only where the user changed it): saved
+    in every checkpoint, for a resume to compare against."""
+    return OmegaConf.to_container(cfg, resolve=False)
+
+
+def core_callbacks(skip_nonfinite_steps: int = 0, config: dict | None = None) -> list[L.Callback]:
     """What a correct run needs, so not the user's to drop (``callbacks=none`` keeps them): resume state
-    (``RunState``), the divergence stop, preemption, comm figures."""
-    return [RunState(), DivergenceGuard(skip_nonfinite_steps), Preemption(), CommStats()]
+    (``RunState``, with the run's config), the divergence stop, preemption, comm figures."""
+    return [RunState(config), DivergenceGuard(skip_nonfinite_steps), Preemption(), CommStats()]
 
 
 def check_launch(trainer: L.Trainer) -> str:
@@ -171,9 +229,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     check_train_config(cfg)  # every bad value at once, before anything is made
     output_dir = start_run(cfg)
 
-    ckpt_path = cfg.ckpt_path or find_resume_checkpoint(output_dir)
-    if ckpt_path and not cfg.ckpt_path:
-        console.print(f"[bold]Resuming[/bold] from {ckpt_path} (found in the run directory)")
+    config = run_config(cfg)
+    ckpt_path = resume_checkpoint(cfg, output_dir)
+    if ckpt_path:
+        check_resume(cfg, ckpt_path, config)
 
     # resuming (a requeued job too): the checkpoint holds every weight, so released weights and weight
     # files are neither needed nor read again; otherwise missing weights fail here, before any data is made
@@ -205,7 +264,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if notice := batch_norm_notice(model, grad_cache_chunks):
         log.warning(notice)
     module = build_module(cfg, model, tokenizer.to_json())
-    timer, core = TrainTimer(), core_callbacks(int(cfg.trainer.get("skip_nonfinite_steps") or 0))
+    timer, core = TrainTimer(), core_callbacks(int(cfg.trainer.get("skip_nonfinite_steps") or 0), config)
     run_state = core[0]
     callbacks = [*core]
     if getattr(model, "cache_locked_features", False):
@@ -221,6 +280,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         trainer_cfg,
         callbacks=callbacks,
         logger=build_logger(cfg),
+        plugins=[VerifiedCheckpointIO(int(cfg.checkpoint.get("keep_last", 2)))],
         default_root_dir=str(output_dir),
         enable_progress_bar=bool(cfg.progress_bar),
     )

@@ -27,6 +27,8 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from autoglm_train.utils.checkpoint_files import write_folder_manifest
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMATS = ("auto", "sharded", "full")  # auto: sharded under FSDP
@@ -121,6 +123,17 @@ class FSDP2Strategy(ModelParallelStrategy):
         # every process is one data-parallel shard (Lightning's default splits nodes x devices instead)
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        # a sharded checkpoint is written by every rank (torch DCP), not through the CheckpointIO: its
+        # manifest (every file's size and checksum) is written once all ranks are done, by rank 0
+        step, config = checkpoint.get("global_step"), checkpoint.get("config")
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+        if self._save_distributed_checkpoint:
+            self.barrier("sharded checkpoint written")
+            if self.global_rank == 0:
+                write_folder_manifest(filepath, step, config)
+            self.barrier("sharded checkpoint manifest written")
 
     @property
     def shard_mesh(self):

@@ -7,6 +7,8 @@ never stopped, on every rank. One owner, one checkpoint key (``checkpoint["run_s
 - ``queues``: the negative queues (identical on every rank: every rank enqueues the gathered keys).
 - ``skipped``: samples skipped as unusable, by reason, summed over ranks.
 - ``tokenizer_json``: the tokenizer (it sizes the text tower), so a checkpoint is usable alone.
+- ``config``: the run's composed config (as written, interpolations kept), against which a resume checks
+  its own (``resume_config.py``) and whose digest the checkpoint's manifest carries.
 
 Lightning saves the rest: weights (with the momentum encoder's), optimizer and LR scheduler states, loop
 counters, and callbacks' own ``state_dict`` (``DivergenceGuard``: steps skipped so far).
@@ -45,7 +47,8 @@ def set_random_states(states: dict) -> None:
 
 
 class RunState(L.Callback):
-    def __init__(self) -> None:
+    def __init__(self, config: dict | None = None) -> None:
+        self.config = config  # the run's composed config, saved with every checkpoint
         self.epoch = 0  # the training stream's epoch of the batch being trained, on this rank
         self.batches = 0  # batches trained in that epoch, on this rank
         self.skipped: Counter[str] = Counter()  # this rank's skips (rank 0 also carries a resumed total)
@@ -91,6 +94,8 @@ class RunState(L.Callback):
             "skipped": self.skipped_totals(),
         }
         checkpoint["tokenizer_json"] = pl_module.tokenizer_json
+        if self.config is not None:
+            checkpoint["config"] = self.config
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         state = checkpoint.get("run_state") or legacy_run_state(checkpoint)

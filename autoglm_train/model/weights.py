@@ -12,11 +12,14 @@ import logging
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from autoglm_train.utils.checkpoint_files import DamagedCheckpointError, verify_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +132,19 @@ def load_checkpoint(path: str | Path, mmap: bool = False):
     Our checkpoints need nothing beyond its default allow-list (tensors, numbers, strings, lists, tuples,
     dicts, ``OrderedDict``, ``Counter``, sets): Lightning's state, hyper-parameters that are numbers, the
     tokenizer as JSON text, ``random`` states as tuples. So nothing is added to it. ``mmap``: tensors are
-    read only when used (the tokenizer of a large checkpoint without its weights)."""
+    read only when used (the tokenizer of a large checkpoint without its weights).
+
+    A checkpoint with a manifest is verified against it first, one without is checked for a whole zip
+    directory (``utils/checkpoint_files.py``): a damaged file is refused naming what is wrong."""
+    verify_checkpoint(path)
     if Path(path).is_dir():
         return load_sharded_checkpoint(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as exc:
+        if isinstance(exc, RuntimeError) and "PytorchStreamReader" not in str(exc):
+            raise
+        raise DamagedCheckpointError(f"{path} cannot be read whole ({exc}); truncated or corrupted?") from exc
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpointError(
             f"{path} contains objects that are not plain weights ({', '.join(unsafe_globals(path, exc))}); "

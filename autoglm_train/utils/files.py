@@ -7,8 +7,10 @@ half-written. Writing beside it and renaming over it gives readers the old file 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -24,10 +26,59 @@ def atomic_write_with(path: str | Path, write_to: Callable[[Path], None]) -> Non
         write_to(tmp)
         _fsync_file(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        raise
+        error = write_error(path, exc)
+        if error is exc:
+            raise
+        raise error from exc
     _fsync_directory(path.parent)
+
+
+class DiskWriteError(OSError):
+    """A file could not be written (a full disk, a quota, a read-only or vanished mount); the file it was
+    to replace is as it was. The message names the path and the space left there."""
+
+
+def free_space(path: str | Path) -> str:
+    """``"1.2 GiB free of 50.0 GiB"`` on the file system holding ``path`` (its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return "free space unknown"
+    return f"{usage.free / 2**30:.1f} GiB free of {usage.total / 2**30:.1f} GiB"
+
+
+def write_error(path: Path, exc: BaseException) -> BaseException:
+    """What a failed write raises: OS errors (errno set, also wrapped by torch's writers as a RuntimeError
+    whose cause is one) become a ``DiskWriteError`` naming the path and the free space; anything else (a
+    bug, Ctrl-C) passes unchanged."""
+    if isinstance(exc, DiskWriteError):
+        return exc
+    cause = exc
+    while cause is not None and not (isinstance(cause, OSError) and cause.errno):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        text = str(exc)
+        if "file write failed" not in text and "No space left" not in text:
+            return exc  # torch's zip writer says only this when the disk is full
+        cause = OSError(errno.EIO, text)
+    reason = os.strerror(cause.errno) if cause.errno else str(cause)
+    hint = (
+        " (the disk is full: free space or point paths.log_dir elsewhere)"
+        if cause.errno
+        in (
+            errno.ENOSPC,
+            errno.EDQUOT,
+        )
+        else ""
+    )
+    error = DiskWriteError(cause.errno, f"could not write {path}: {reason}{hint}; {free_space(path)}")
+    error.filename = str(path)
+    return error
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
