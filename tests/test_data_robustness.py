@@ -14,6 +14,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 from conftest import TINY, compose_config
 from omegaconf import open_dict
@@ -22,8 +23,11 @@ from PIL import Image, ImageFile
 from autoglm_train import train
 from autoglm_train.data import shards as shards_module
 from autoglm_train.data.shards import (
+    MAX_CAPTION_CHARS,
     SkipCounter,
+    build_pipeline,
     decode,
+    iter_captions,
 )
 
 BATCH, GOOD_PER_SHARD, GOOD_SHARDS = 4, 12, 3
@@ -249,3 +253,35 @@ def test_transparency_is_composited_onto_white():
     grey = Image.new("L", (2, 1))
     grey.putdata([7, 90])
     assert pixels(encoded(grey, transparency=7))[0].tolist() == [[255] * 3, [90] * 3]
+
+
+def test_megabyte_caption_is_skipped_before_tokenizing_or_decoding(tmp_path, decodes):
+    huge = "a very long caption " * 50_000  # 1 MB
+    other = encoded(Image.new("RGB", (48, 40)), "JPEG")  # the good samples' images are 32 x 32
+    with wds.TarWriter(str(tmp_path / "long.tar")) as sink:
+        for k in range(3):
+            sink.write({"__key__": f"s{k}", "jpg": jpeg(k), "json": caption(k)})
+        sink.write({"__key__": "longtxt", "jpg": other, "txt": huge.encode()})
+        sink.write(
+            {"__key__": "longjson", "jpg": other, "json": json.dumps({"captions": ["ok", huge]}).encode()}
+        )
+    seen = []
+
+    def tokenizer(texts):
+        seen.extend(texts)
+        return torch.zeros(len(texts), 4, dtype=torch.long)
+
+    batches = list(
+        build_pipeline(
+            str(tmp_path / "long.tar"),
+            tokenizer=tokenizer,
+            transform=lambda im: torch.zeros(3, 2, 2),
+            batch_size=2,
+            train=False,
+        )
+    )
+    assert sum(len(b["id"]) for b in batches) == 3
+    assert sum(b["skipped"].get("caption_too_long", 0) for b in batches) == 2
+    assert max(len(t) for t in seen) < 100  # the megabyte never reached the tokenizer
+    assert decodes and (48, 40) not in decodes  # nor were those samples' images decoded
+    assert max(len(c) for c in iter_captions(str(tmp_path / "long.tar"))) <= MAX_CAPTION_CHARS

@@ -4,7 +4,8 @@ A sample holds one image (``png``/``jpg``/``jpeg``/``webp``) and captions: a ``j
 ``captions`` (or the configured key; a single string is accepted) or a ``txt`` file. A sample that cannot be
 used is skipped and counted by reason: ``bad_image`` (corrupt or undecodable), ``image_too_large`` (over
 ``MAX_IMAGE_PIXELS``, refused from its header before any pixel is decoded), ``missing_caption`` (none, or
-only empty ones), ``bad_caption`` (not UTF-8, not json). Tar-level errors are counted per shard
+only empty ones), ``bad_caption`` (not UTF-8, not json), ``caption_too_long`` (a caption over
+``MAX_CAPTION_CHARS``). Tar-level errors are counted per shard
 (``tar_error``). The counts ride along with the batches
 (``batch["skipped"]``) because decoding runs in DataLoader worker processes whose counters the training
 process cannot see.
@@ -51,6 +52,10 @@ AUGMENT_CHUNK = 32  # images transformed per swap of the stream's random states
 # is 192 MiB decoded as RGB, far beyond what any image tower reads; PIL's own guard warns only from
 # ~89 MP (Image.MAX_IMAGE_PIXELS) and refuses from twice that.
 MAX_IMAGE_PIXELS = 8192 * 8192
+# A longer caption is not a caption (a web page's text, a dump): its sample is skipped rather than a
+# megabyte tokenized. Text towers keep 77 to 512 tokens, a few characters each, so a real caption's kept
+# tokens all lie well within this.
+MAX_CAPTION_CHARS = 10_000
 ALPHA_BACKGROUND = (255, 255, 255)  # what transparent pixels become (white, as on most web pages)
 
 
@@ -198,6 +203,10 @@ def decode(sample: dict, caption_key: str, skips: SkipCounter) -> dict | None:
         return None
     if not captions:
         skips.add("missing_caption", where)
+        return None
+    longest = max(len(c) for c in captions)
+    if longest > MAX_CAPTION_CHARS:  # checked before anything tokenizes it
+        skips.add("caption_too_long", f"{where}: {longest} characters, more than {MAX_CAPTION_CHARS}")
         return None
     try:
         image = read_image(sample)
@@ -645,7 +654,7 @@ def iter_captions(
             captions = read_captions(sample, caption_key)
         except (UnicodeDecodeError, json.JSONDecodeError):
             continue
-        yield from captions
+        yield from (c for c in captions if len(c) <= MAX_CAPTION_CHARS)  # as training skips them
         n += 1
         if limit is not None and n >= limit:
             return
