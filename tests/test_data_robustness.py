@@ -24,11 +24,15 @@ from autoglm_train import train
 from autoglm_train.data import shards as shards_module
 from autoglm_train.data.shards import (
     MAX_CAPTION_CHARS,
+    NoUsableSamplesError,
     SkipCounter,
     build_pipeline,
     decode,
+    first_usable_sample,
     iter_captions,
+    raw_samples,
 )
+from autoglm_train.lit.datamodule import ShardDataModule
 
 BATCH, GOOD_PER_SHARD, GOOD_SHARDS = 4, 12, 3
 
@@ -285,3 +289,53 @@ def test_megabyte_caption_is_skipped_before_tokenizing_or_decoding(tmp_path, dec
     assert max(len(t) for t in seen) < 100  # the megabyte never reached the tokenizer
     assert decodes and (48, 40) not in decodes  # nor were those samples' images decoded
     assert max(len(c) for c in iter_captions(str(tmp_path / "long.tar"))) <= MAX_CAPTION_CHARS
+
+
+@pytest.fixture
+def not_tars(tmp_path) -> list[str]:
+    (tmp_path / "text.tar").write_text("this is a text file, not a tar\n" * 40)
+    (tmp_path / "random.tar").write_bytes(np.random.default_rng(0).bytes(3000))
+    (tmp_path / "short.tar").write_text("too short to be a tar header")
+    return [str(tmp_path / n) for n in ("text.tar", "random.tar", "short.tar")]
+
+
+def test_shard_that_is_not_a_tar_is_skipped_counted_and_named(tmp_path, not_tars, caplog):
+    write_shard(tmp_path / "good.tar", 0, 3)
+    urls = [*not_tars, str(tmp_path / "good.tar")]
+    with caplog.at_level(logging.WARNING, logger="autoglm_train.data.shards"):
+        skips = SkipCounter()
+        local = list(raw_samples(urls, skips))  # the local tar reader (embed, the feature cache, start-up)
+        assert [s["__key__"] for s in local] == ["s00000", "s00001", "s00002"]
+        assert skips.counts == {"tar_error": 3}
+        said = "\n".join(r.getMessage() for r in caplog.records)
+        for url in not_tars:
+            assert f"{url}: not a tar file" in said, url
+        caplog.clear()
+        batches = list(  # webdataset's reader (training and validation batches)
+            build_pipeline(
+                urls,
+                tokenizer=lambda t: torch.zeros(len(t), 4, dtype=torch.long),
+                transform=lambda im: torch.zeros(3, 2, 2),
+                batch_size=2,
+                train=False,
+            )
+        )
+        assert sum(len(b["id"]) for b in batches) == 3
+        assert sum(b["skipped"].get("tar_error", 0) for b in batches) == 3
+        said = "\n".join(r.getMessage() for r in caplog.records)
+        for url in not_tars:
+            assert url in said, url
+
+
+def test_nothing_usable_left_is_an_error_naming_why(not_tars, tmp_path):
+    with pytest.raises(NoUsableSamplesError, match="text.tar.*random.tar.*short.tar") as err:
+        first_usable_sample(not_tars)
+    assert "tar_error x3" in str(err.value) and "not a tar file" in str(err.value)
+    # a run stops there, before training: ShardDataModule.prepare_data checks every shard set
+    write_shard(tmp_path / "val.tar", 0, 2)
+    with wds.TarWriter(str(tmp_path / "bombs.tar")) as sink:
+        sink.write({"__key__": "b", "png": png_bomb(30000, 30000), "json": caption(0)})
+    dm = ShardDataModule([*not_tars, str(tmp_path / "bombs.tar")], str(tmp_path / "val.tar"))
+    with pytest.raises(NoUsableSamplesError, match="image_too_large x1") as err:
+        dm.prepare_data()
+    assert "tar_error x3" in str(err.value)

@@ -5,8 +5,8 @@ A sample holds one image (``png``/``jpg``/``jpeg``/``webp``) and captions: a ``j
 used is skipped and counted by reason: ``bad_image`` (corrupt or undecodable), ``image_too_large`` (over
 ``MAX_IMAGE_PIXELS``, refused from its header before any pixel is decoded), ``missing_caption`` (none, or
 only empty ones), ``bad_caption`` (not UTF-8, not json), ``caption_too_long`` (a caption over
-``MAX_CAPTION_CHARS``). Tar-level errors are counted per shard
-(``tar_error``). The counts ride along with the batches
+``MAX_CAPTION_CHARS``). Tar-level errors (a damaged archive, a file that is not a tar at all) are counted
+once per shard as ``tar_error``, the shard named in the warning. The counts ride along with the batches
 (``batch["skipped"]``) because decoding runs in DataLoader worker processes whose counters the training
 process cannot see.
 
@@ -120,22 +120,30 @@ class SkipCounter:
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
-        self.examples: dict[str, str] = {}  # the first skip of each reason
+        self.examples: dict[str, str] = {}  # the first skip of each reason, for an error message
 
     def add(self, reason: str, where: str = "") -> None:
         self.counts[reason] += 1
         self.examples.setdefault(reason, where)
         # the first few of each kind are worth a line in the log; after that the counts tell
         if self.counts[reason] <= 3:
-            log.warning("skipped sample (%s) %s", reason, where)
+            log.warning("skipped %s (%s) %s", "shard" if reason == "tar_error" else "sample", reason, where)
 
     def tar_error(self, exn: Exception) -> bool:
-        self.add("tar_error", " ".join(str(a) for a in exn.args))
+        # webdataset appends the shard's URL and its open stream to the arguments: the URL names it
+        said = [str(a) for a in exn.args if not isinstance(a, io.IOBase | dict)]
+        self.add("tar_error", f"{type(exn).__name__}: {' '.join(said)}")
         return True  # keep going with the next sample or shard
 
     def take(self) -> dict[str, int]:
         counts, self.counts = dict(self.counts), Counter()
         return counts
+
+    def describe(self) -> str:
+        """The counts by reason, each with its first example (for an error saying why nothing was left)."""
+        return "; ".join(
+            f"{reason} x{n} (first: {self.examples.get(reason, '?')})" for reason, n in self.counts.items()
+        )
 
 
 def read_captions(sample: dict, caption_key: str) -> list[str]:
@@ -631,7 +639,7 @@ def first_usable_sample(shards: str | Sequence[str], caption_key: str = "caption
         return out
     raise NoUsableSamplesError(
         f"no usable sample in {len(urls)} shard(s) {urls[:3]}{' ...' if len(urls) > 3 else ''}: "
-        f"skipped {dict(skips.counts) or 'nothing (the shards hold no samples)'}; "
+        f"skipped {skips.describe() or 'nothing (the shards hold no samples)'}; "
         f"each sample needs an image ({'/'.join(IMAGE_KEYS)}) and captions (json key '{caption_key}' or txt)"
     )
 
