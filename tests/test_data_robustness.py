@@ -112,15 +112,19 @@ def test_each_kind_of_bad_data_is_skipped_counted_and_training_completes(tmp_pat
     data = (shards / "train-000006.tar").read_bytes()
     (shards / "train-000006.tar").write_bytes(data[:700])
     write_shard(shards / "train-000007.tar", 700, 4)
+    # a decompression bomb, a megabyte caption, a shard that is not a tar at all
+    write_shard(shards / "train-000008.tar", 800, 4, {"png": png_bomb(30000, 30000), "json": caption(1)})
+    write_shard(shards / "train-000009.tar", 850, 4, {"jpg": jpeg(3), "txt": b"word " * 200_000})
+    (shards / "train-000010.tar").write_text("this is a text file, not a tar\n" * 40)
     write_shard(shards / "val-000000.tar", 900, 20)
-    good = GOOD_SHARDS * GOOD_PER_SHARD + 3 * 4  # what a full pass can use (the vanished shard's 4 excluded)
+    good = GOOD_SHARDS * GOOD_PER_SHARD + 5 * 4  # what a full pass can use (the vanished shard's 4 excluded)
     assert good % BATCH == 0
 
     cfg = compose_config(
         [
             *[o for o in TINY if not o.startswith("data.prepare")],
             "data=wds",
-            f"data.train_shards='{shards}/train-{{000000..000007}}.tar'",
+            f"data.train_shards='{shards}/train-{{000000..000010}}.tar'",
             f"data.val_shards={shards}/val-000000.tar",
             f"data.batch_size={BATCH}",
             "data.eval_batch_size=10",
@@ -146,13 +150,16 @@ def test_each_kind_of_bad_data_is_skipped_counted_and_training_completes(tmp_pat
     assert metrics["data/skipped_bad_image"] == 1
     assert metrics["data/skipped_missing_caption"] == 1
     assert metrics["data/skipped_bad_caption"] == 1
-    assert metrics["data/skipped_tar_error"] == 2  # the truncated tar and the vanished shard
-    assert metrics["data/skipped"] == 5
+    assert metrics["data/skipped_image_too_large"] == 1
+    assert metrics["data/skipped_caption_too_long"] == 1
+    assert metrics["data/skipped_tar_error"] == 3  # the truncated tar, the vanished shard, the text file
+    assert metrics["data/skipped"] == 8
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert saved["data/skipped_tar_error"] == 2
-    warnings = "\n".join(r.getMessage() for r in caplog.records)
-    for name in ("train-000003.tar", "train-000006.tar", "train-000007.tar"):
-        assert name in warnings, name
+    assert saved["data/skipped_tar_error"] == 3
+    assert saved["data/skipped_image_too_large"] == saved["data/skipped_caption_too_long"] == 1
+    said = "\n".join(r.getMessage() for r in caplog.records)
+    for name in ("train-000003.tar", "train-000006.tar", "train-000007.tar", "train-000010.tar"):
+        assert name in said, name
 
 
 # --- each bad sample of issue 28 point 5, one by one (fast: no training) ---
