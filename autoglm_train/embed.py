@@ -154,7 +154,7 @@ def embed_shards(
     skips = SkipCounter()
     embedded, _, vectors, grids = embed_scanned(exported, scan_shards(urls, skips), batch_size, progress)
     if vectors is None:
-        raise ValueError(f"no usable image in {len(urls)} shard(s); skipped {dict(skips.counts)}")
+        raise ValueError(f"no usable image in {len(urls)} shard(s); skipped {skips.describe() or 'nothing'}")
     return {
         "ids": [r["id"] for r in embedded],
         "captions": [r["caption"] for r in embedded],
@@ -240,7 +240,7 @@ def update_index(
         exported, scan_shards(urls, skips, known), batch_size, progress
     )
     if not embedded and not unchanged:
-        raise ValueError(f"no usable image in {len(urls)} shard(s); skipped {dict(skips.counts)}")
+        raise ValueError(f"no usable image in {len(urls)} shard(s); skipped {skips.describe() or 'nothing'}")
     kept = np.array(sorted(position[r["id"]] for r in unchanged), dtype=np.int64)
     new_shard = {r["id"]: r["shard"] for r in unchanged}
     changed = sum(r["id"] in known for r in embedded)

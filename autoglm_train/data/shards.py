@@ -2,9 +2,16 @@
 
 A sample holds one image (``png``/``jpg``/``jpeg``/``webp``) and captions: a ``json`` with a list under
 ``captions`` (or the configured key; a single string is accepted) or a ``txt`` file. A sample that cannot be
-used (corrupt image, missing or empty caption) is skipped and counted; tar-level errors are counted per
-shard. The counts ride along with the batches (``batch["skipped"]``) because decoding runs in DataLoader
-worker processes whose counters the training process cannot see.
+used is skipped and counted by reason: ``bad_image`` (corrupt or undecodable), ``image_too_large`` (over
+``MAX_IMAGE_PIXELS``, refused from its header before any pixel is decoded), ``missing_caption`` (none, or
+only empty ones), ``bad_caption`` (not UTF-8, not json), ``caption_too_long`` (a caption over
+``MAX_CAPTION_CHARS``). Tar-level errors (a damaged archive, a file that is not a tar at all) are counted
+once per shard as ``tar_error``, the shard named in the warning. The counts ride along with the batches
+(``batch["skipped"]``) because decoding runs in DataLoader worker processes whose counters the training
+process cannot see.
+
+Images of any mode become 8-bit RGB (``to_rgb``): 16-bit greyscale scaled (not clipped), CMYK converted,
+transparency composited onto ``ALPHA_BACKGROUND`` (white).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import random
 import shutil
 import signal
 import tempfile
+import warnings
 import weakref
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -39,10 +47,24 @@ log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 AUGMENT_CHUNK = 32  # images transformed per swap of the stream's random states
+# Larger images are refused from the size their header declares, before decoding: a decompression bomb (a
+# tiny PNG declaring 30,000 x 30,000 pixels) would otherwise take gigabytes per loader worker. 8192 x 8192
+# is 192 MiB decoded as RGB, far beyond what any image tower reads; PIL's own guard warns only from
+# ~89 MP (Image.MAX_IMAGE_PIXELS) and refuses from twice that.
+MAX_IMAGE_PIXELS = 8192 * 8192
+# A longer caption is not a caption (a web page's text, a dump): its sample is skipped rather than a
+# megabyte tokenized. Text towers keep 77 to 512 tokens, a few characters each, so a real caption's kept
+# tokens all lie well within this.
+MAX_CAPTION_CHARS = 10_000
+ALPHA_BACKGROUND = (255, 255, 255)  # what transparent pixels become (white, as on most web pages)
 
 
 class NoUsableSamplesError(RuntimeError):
     pass
+
+
+class ImageTooLargeError(ValueError):
+    """An image whose header declares more than ``MAX_IMAGE_PIXELS`` pixels (not decoded)."""
 
 
 class ShardStallError(RuntimeError):
@@ -98,20 +120,30 @@ class SkipCounter:
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
+        self.examples: dict[str, str] = {}  # the first skip of each reason, for an error message
 
     def add(self, reason: str, where: str = "") -> None:
         self.counts[reason] += 1
+        self.examples.setdefault(reason, where)
         # the first few of each kind are worth a line in the log; after that the counts tell
         if self.counts[reason] <= 3:
-            log.warning("skipped sample (%s) %s", reason, where)
+            log.warning("skipped %s (%s) %s", "shard" if reason == "tar_error" else "sample", reason, where)
 
     def tar_error(self, exn: Exception) -> bool:
-        self.add("tar_error", " ".join(str(a) for a in exn.args))
+        # webdataset appends the shard's URL and its open stream to the arguments: the URL names it
+        said = [str(a) for a in exn.args if not isinstance(a, io.IOBase | dict)]
+        self.add("tar_error", f"{type(exn).__name__}: {' '.join(said)}")
         return True  # keep going with the next sample or shard
 
     def take(self) -> dict[str, int]:
         counts, self.counts = dict(self.counts), Counter()
         return counts
+
+    def describe(self) -> str:
+        """The counts by reason, each with its first example (for an error saying why nothing was left)."""
+        return "; ".join(
+            f"{reason} x{n} (first: {self.examples.get(reason, '?')})" for reason, n in self.counts.items()
+        )
 
 
 def read_captions(sample: dict, caption_key: str) -> list[str]:
@@ -129,11 +161,44 @@ def read_captions(sample: dict, caption_key: str) -> list[str]:
     return [c.strip() for c in value if isinstance(c, str) and c.strip()]
 
 
+def open_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """The image in ``data`` opened lazily (header read, no pixels decoded); ImageTooLargeError if it
+    declares more than ``max_pixels`` pixels. PIL's decompression-bomb warning counts as that error too,
+    never a decode with a warning beside it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageTooLargeError(str(exc)) from None
+    width, height = img.size
+    if width * height > max_pixels:
+        img.close()
+        raise ImageTooLargeError(f"{width}x{height} pixels, more than {max_pixels} (MAX_IMAGE_PIXELS)")
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode PIL opens: 16-bit greyscale (``I;16*``, and ``I``, what 16-bit PNGs hold)
+    scaled to 8 bits (PIL's own conversion clips it: everything above 255 white); CMYK through PIL's
+    conversion; transparency (an alpha band, or a palette's or a colour's ``transparency``) composited onto
+    ``ALPHA_BACKGROUND`` instead of dropped, which would show whatever colour the transparent pixels
+    happen to hold. The full decode happens here, so a truncated file raises here."""
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        img = img.convert("I").point(lambda v: v / 257 + 0.5).convert("L")  # 65535 -> 255, rounded
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", img.size, (*ALPHA_BACKGROUND, 255)), rgba).convert(
+            "RGB"
+        )
+    return img.convert("RGB")
+
+
 def read_image(sample: dict) -> Image.Image:
     for key in IMAGE_KEYS:
         if key in sample:
-            with Image.open(io.BytesIO(sample[key])) as img:
-                return img.convert("RGB")  # convert() forces the full decode, so truncation shows here
+            with open_image(sample[key]) as img:
+                return to_rgb(img)
     raise KeyError(f"no image among {IMAGE_KEYS}")
 
 
@@ -147,8 +212,15 @@ def decode(sample: dict, caption_key: str, skips: SkipCounter) -> dict | None:
     if not captions:
         skips.add("missing_caption", where)
         return None
+    longest = max(len(c) for c in captions)
+    if longest > MAX_CAPTION_CHARS:  # checked before anything tokenizes it
+        skips.add("caption_too_long", f"{where}: {longest} characters, more than {MAX_CAPTION_CHARS}")
+        return None
     try:
         image = read_image(sample)
+    except ImageTooLargeError as exc:
+        skips.add("image_too_large", f"{where}: {exc}")
+        return None
     except Exception:  # PIL raises many types for corrupt data
         skips.add("bad_image", where)
         return None
@@ -567,7 +639,7 @@ def first_usable_sample(shards: str | Sequence[str], caption_key: str = "caption
         return out
     raise NoUsableSamplesError(
         f"no usable sample in {len(urls)} shard(s) {urls[:3]}{' ...' if len(urls) > 3 else ''}: "
-        f"skipped {dict(skips.counts) or 'nothing (the shards hold no samples)'}; "
+        f"skipped {skips.describe() or 'nothing (the shards hold no samples)'}; "
         f"each sample needs an image ({'/'.join(IMAGE_KEYS)}) and captions (json key '{caption_key}' or txt)"
     )
 
@@ -590,7 +662,7 @@ def iter_captions(
             captions = read_captions(sample, caption_key)
         except (UnicodeDecodeError, json.JSONDecodeError):
             continue
-        yield from captions
+        yield from (c for c in captions if len(c) <= MAX_CAPTION_CHARS)  # as training skips them
         n += 1
         if limit is not None and n >= limit:
             return

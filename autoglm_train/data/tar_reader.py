@@ -69,9 +69,16 @@ def _pax(records: bytes) -> dict[bytes, bytes]:
     return out
 
 
+def _bad_header(path: str, offset: int, why: object) -> tarfile.ReadError:
+    if offset == 0:
+        return tarfile.ReadError(f"{path}: not a tar file ({why})")
+    return tarfile.ReadError(f"{path}: damaged tar header at byte {offset} ({why})")
+
+
 def members(path: str) -> Iterator[tuple[str, bytes]]:
-    """``(name, bytes)`` of each regular file in the tar at ``path``, in order; ``tarfile.ReadError`` on
-    a damaged or truncated archive (after the members before the damage)."""
+    """``(name, bytes)`` of each regular file in the tar at ``path``, in order; ``tarfile.ReadError``
+    naming ``path`` on a damaged or truncated archive (after the members before the damage), or on a file
+    that is not a tar at all."""
     with open(path, "rb", buffering=1 << 20) as f:
         pax: dict[bytes, bytes] = {}
         long_name: bytes | None = None
@@ -83,10 +90,15 @@ def members(path: str) -> Iterator[tuple[str, bytes]]:
                     b"\0"
                 ):  # a zero block (or the file's end) ends the archive, as in tarfile
                     return
-                raise tarfile.ReadError(f"{path}: unexpected end of data")
-            _check(header)
+                raise _bad_header(path, f.tell() - len(header), "unexpected end of data")
+            try:
+                _check(header)
+                size = int(pax[b"size"]) if pax and b"size" in pax else _number(header[124:136])
+            except (tarfile.ReadError, ValueError) as exc:
+                # a text file's or random bytes' "size" is no octal number
+                why = exc if isinstance(exc, tarfile.ReadError) else "invalid header"
+                raise _bad_header(path, f.tell() - BLOCK, why) from None
             kind = header[156:157]
-            size = int(pax[b"size"]) if pax and b"size" in pax else _number(header[124:136])
             data = read(size)
             if len(data) < size:
                 raise tarfile.ReadError(f"{path}: unexpected end of data")
