@@ -554,6 +554,7 @@ TRAINER_RULES = [
     flag("trainer.enable_model_summary"),
     integer("trainer.skip_nonfinite_steps", 0, null=True),
     integer("trainer.grad_cache_chunks", 1, null=True),
+    number("trainer.collective_timeout", 0, low_open=True, null=True),  # seconds
     one_of("checkpoint.format", CHECKPOINT_FORMATS),
     integer("checkpoint.keep_last", 1),
     custom(

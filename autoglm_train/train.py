@@ -31,6 +31,7 @@ from autoglm_train.build import (
 from autoglm_train.config_check import check_train_config
 from autoglm_train.data.caption_negatives import caption_negatives
 from autoglm_train.distributed.fsdp import is_checkpoint
+from autoglm_train.distributed.liveness import strategy_with_timeout
 from autoglm_train.eval.run_metrics import final_metrics
 from autoglm_train.eval.zeroshot import zeroshot_metrics
 from autoglm_train.lit.callbacks import CommStats, ModelSummary, TrainTimer
@@ -38,6 +39,7 @@ from autoglm_train.lit.checkpoint_io import VerifiedCheckpointIO
 from autoglm_train.lit.divergence import DivergenceGuard
 from autoglm_train.lit.feature_cache import FeatureCacheCallback
 from autoglm_train.lit.grad_cache import batch_norm_notice
+from autoglm_train.lit.lost_rank import LostRankWatch
 from autoglm_train.lit.module import DualEncoderModule
 from autoglm_train.lit.preemption import Preemption
 from autoglm_train.lit.run_state import RunState
@@ -63,12 +65,16 @@ def build_logger(cfg: DictConfig):
 
 
 def split_trainer_config(cfg: DictConfig) -> tuple[DictConfig, int, float | None]:
-    """The Trainer's arguments, less ours: ``skip_nonfinite_steps`` (lit/divergence.py) and
-    ``grad_cache_chunks`` (and with it gradient clipping, which the module then does itself, since
-    Lightning clips only under automatic optimization). Combinations are checked by config_check.py."""
+    """The Trainer's arguments, less ours: ``skip_nonfinite_steps`` (lit/divergence.py),
+    ``collective_timeout`` (into the strategy, distributed/liveness.py) and ``grad_cache_chunks`` (and with
+    it gradient clipping, which the module then does itself, since Lightning clips only under automatic
+    optimization). Combinations are checked by config_check.py."""
     trainer_cfg = OmegaConf.create(OmegaConf.to_container(cfg.trainer, resolve=True))
     with open_dict(trainer_cfg):
         trainer_cfg.pop("skip_nonfinite_steps", None)
+        timeout = trainer_cfg.pop("collective_timeout", None)
+        if "strategy" in trainer_cfg:
+            trainer_cfg.strategy = strategy_with_timeout(trainer_cfg.strategy, timeout)
         chunks = int(trainer_cfg.pop("grad_cache_chunks", 1) or 1)
         grad_clip = trainer_cfg.pop("gradient_clip_val", None) if chunks > 1 else None
     return trainer_cfg, chunks, grad_clip
@@ -158,10 +164,19 @@ def run_config(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=False)
 
 
-def core_callbacks(skip_nonfinite_steps: int = 0, config: dict | None = None) -> list[L.Callback]:
+def core_callbacks(
+    skip_nonfinite_steps: int = 0, collective_timeout: float | None = None, config: dict | None = None
+) -> list[L.Callback]:
     """What a correct run needs, so not the user's to drop (``callbacks=none`` keeps them): resume state
-    (``RunState``, with the run's config), the divergence stop, preemption, comm figures."""
-    return [RunState(config), DivergenceGuard(skip_nonfinite_steps), Preemption(), CommStats()]
+    (``RunState``, with the run's config), the divergence stop, preemption, comm figures, the end of a
+    job that lost a rank."""
+    return [
+        RunState(config),
+        DivergenceGuard(skip_nonfinite_steps),
+        Preemption(),
+        CommStats(),
+        LostRankWatch(collective_timeout),
+    ]
 
 
 def check_launch(trainer: L.Trainer) -> str:
@@ -264,7 +279,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if notice := batch_norm_notice(model, grad_cache_chunks):
         log.warning(notice)
     module = build_module(cfg, model, tokenizer.to_json())
-    timer, core = TrainTimer(), core_callbacks(int(cfg.trainer.get("skip_nonfinite_steps") or 0), config)
+    timer, core = (
+        TrainTimer(),
+        core_callbacks(
+            int(cfg.trainer.get("skip_nonfinite_steps") or 0), cfg.trainer.get("collective_timeout"), config
+        ),
+    )
     run_state = core[0]
     callbacks = [*core]
     if getattr(model, "cache_locked_features", False):

@@ -81,3 +81,17 @@ class SnapshotAround(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step + 1:
             self._save(trainer, pl_module, "after")
+
+
+class Pids(L.Callback):
+    """``out_dir/rank<r>.json``: this rank's pid and its step, rewritten after each step (renamed into place,
+    so a reader never sees half of it): how a test finds a rank to kill once training is under way."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = Path(out_dir)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"rank{trainer.global_rank}.json"
+        path.with_suffix(".partial").write_text(json.dumps({"pid": os.getpid(), "step": trainer.global_step}))
+        os.replace(path.with_suffix(".partial"), path)

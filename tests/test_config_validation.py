@@ -80,6 +80,7 @@ BAD_TRAINING = [
     (["model.fusion.layers=1", "trainer.grad_cache_chunks=2"], "model.fusion.layers"),
     (["model.fusion.layers=1", "model.fusion.tower_grad=maybe"], "model.fusion.tower_grad"),
     (["data.group_only=[shape,7]"], "data.group_only"),
+    (["trainer.collective_timeout=0"], "trainer.collective_timeout"),
 ]
 
 BAD_COMPRESSION = [

@@ -38,6 +38,9 @@ def test_both_scripts_exist_and_pass_bash_n_and_shellcheck():
         assert done.returncode == 0, done.stdout
         text = script.read_text()
         assert "#SBATCH --signal=SIGUSR1@90" in text and "#SBATCH --requeue" in text
+        # a task that fails (a lost rank) ends the whole step at once, not at the collective timeout
+        steps = [line for line in text.splitlines() if line.startswith("srun ")]
+        assert len(steps) == 1 and all(line.startswith("srun --kill-on-bad-exit=1 ") for line in steps)
 
 
 def fake_slurm_bin(tmp_path: Path) -> Path:

@@ -29,7 +29,7 @@ import signal
 import tempfile
 import warnings
 import weakref
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +42,7 @@ from webdataset.filters import _shuffle
 
 from autoglm_train.data import tar_reader
 from autoglm_train.data.caption_negatives import CaptionNegatives, negative_fields
+from autoglm_train.utils.processes import children_by_parent, descendants
 
 log = logging.getLogger(__name__)
 
@@ -399,27 +400,6 @@ def _remove_folder(folder: str, owner_pid: int) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _children_by_parent() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = defaultdict(list)
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            # "pid (comm) state ppid ...": comm may hold spaces and parentheses, the last ")" ends it
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue  # gone meanwhile
-        children[ppid].append(int(stat.parent.name))
-    return children
-
-
-def _descendants(pid: int, children: dict[int, list[int]]) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 class ShardWatch:
     """Which shard each DataLoader worker is reading, so that a stalled loader can name it.
 
@@ -491,11 +471,11 @@ class ShardWatch:
         # worker's read returns; the stop file keeps it from opening the next shard.
         self._stop_file().touch()
         if Path("/proc").is_dir():
-            children = _children_by_parent()
-            ours = set(_descendants(os.getpid(), children))  # never a pid reused by someone else's process
+            children = children_by_parent()
+            ours = set(descendants(os.getpid(), children))  # never a pid reused by someone else's process
             for note in reading.values():
                 if note.get("pid") in ours:
-                    for pid in _descendants(note["pid"], children):
+                    for pid in descendants(note["pid"], children):
                         with contextlib.suppress(ProcessLookupError, PermissionError):
                             os.kill(pid, signal.SIGTERM)
         shutdown = getattr(batches, "_shutdown_workers", None)  # what the iterator's __del__ does, now
