@@ -39,6 +39,9 @@ class DiskWriteError(OSError):
     """A file could not be written (a full disk, a quota, a read-only or vanished mount); the file it was
     to replace is as it was. The message names the path and the space left there."""
 
+    def __str__(self) -> str:  # the message names the path already: not OSError's "[Errno 28] ...: 'path'"
+        return str(self.strerror)
+
 
 def free_space(path: str | Path) -> str:
     """``"1.2 GiB free of 50.0 GiB"`` on the file system holding ``path`` (its nearest existing parent)."""
