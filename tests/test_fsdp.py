@@ -24,6 +24,7 @@ from autoglm_train.losses.objective import Objective
 from autoglm_train.model.dual_encoder import DualEncoder
 from autoglm_train.model.momentum import MomentumEncoder
 from autoglm_train.model.towers import ImageTower, TextTower
+from autoglm_train.utils.checkpoint_files import verify_checkpoint
 
 pytestmark = pytest.mark.slow
 STEPS, K, QUEUE = 4, 2, 32  # resume at step K
@@ -97,6 +98,7 @@ def worker(rank: int, port: int, out_dir: str, job: str) -> None:
         ckpt = out / "sharded.ckpt"
         fit(make_module(), shard[:K], FSDP2Strategy(process_group_backend="gloo"), STEPS, save=ckpt, epochs=1)
         result["ckpt_files"] = sorted(p.name for p in ckpt.iterdir())
+        result["ckpt_manifest"] = verify_checkpoint(ckpt)
         resumed = make_module()
         rest = fit(resumed, shard[K:], FSDP2Strategy(process_group_backend="gloo"), STEPS, ckpt_path=ckpt)
         result["resumed"], result["resumed_state"] = rest.losses, full_state(resumed)
@@ -137,8 +139,11 @@ def test_fsdp_equals_ddp_on_the_same_global_batch_with_momentum_and_queue(equal_
 
 
 def test_resume_from_a_sharded_checkpoint_equals_the_straight_run(equal_run):
-    # a DCP folder: one file of shards per rank, the plan, and Lightning's other state from rank 0
-    assert equal_run[0]["ckpt_files"] == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    # a DCP folder: one file of shards per rank, the plan, Lightning's other state from rank 0, and the
+    # manifest of them all, written last (verified: every file's size and checksum)
+    files = [".metadata", "__0_0.distcp", "__1_0.distcp", "manifest.json", "meta.pt"]
+    assert equal_run[0]["ckpt_files"] == files
+    assert sorted(equal_run[0]["ckpt_manifest"]["files"]) == [f for f in files if f != "manifest.json"]
     for rank in equal_run:
         assert rank["resumed"] == pytest.approx(rank["fsdp"][K:], abs=1e-6)
         for name, ref in rank["fsdp_state"].items():
@@ -183,8 +188,9 @@ def test_command_line_fsdp_cpu_run_resumes_on_another_world_size_and_evaluates(s
     assert "FSDP2 over 2 ranks" in first.stdout + first.stderr
     last = run_dir / "checkpoints" / "last.ckpt"
     assert last.is_dir() and {"__0_0.distcp", "__1_0.distcp", "meta.pt"} <= {p.name for p in last.iterdir()}
+    # one rank of the same per-rank batch halves the global batch: a change a resume refuses unless named
     second = subprocess.run(
-        [*args, "trainer.max_steps=6", "trainer.devices=1"],
+        [*args, "trainer.max_steps=6", "trainer.devices=1", "resume.allow_changes=[trainer.devices]"],
         cwd=root,
         env=env,
         capture_output=True,
