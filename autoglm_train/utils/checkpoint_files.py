@@ -22,13 +22,12 @@ import json
 import os
 import shutil
 import time
-import uuid
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from autoglm_train.utils.files import atomic_write_json, write_error
+from autoglm_train.utils.files import atomic_write_json, written_beside
 
 MANIFEST_SUFFIX = ".manifest.json"
 FOLDER_MANIFEST = "manifest.json"
@@ -131,8 +130,7 @@ def save_checkpoint_file(checkpoint: dict, path: str | Path, keep_last: int = 1)
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    with written_beside(path) as tmp:
         with open(tmp, "xb") as f:
             writer = _HashingWriter(f)
             torch.save(checkpoint, writer)
@@ -151,12 +149,6 @@ def save_checkpoint_file(checkpoint: dict, path: str | Path, keep_last: int = 1)
         os.replace(tmp, path)
         manifest_path(path).unlink(missing_ok=True)  # a stale one would call the new file damaged
         atomic_write_json(manifest_path(path), manifest, indent=2)  # last: its presence means "whole"
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        error = write_error(path, exc)
-        if error is exc:
-            raise
-        raise error from exc
     _verified.pop(str(path), None)
     return manifest
 

@@ -7,12 +7,13 @@ half-written. Writing beside it and renaming over it gives readers the old file 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +22,26 @@ def atomic_write_with(path: str | Path, write_to: Callable[[Path], None]) -> Non
     """Replace ``path`` all at once by what ``write_to(tmp)`` writes to a temporary path in the same
     directory (a rename is atomic only within one file system): written, flushed to disk, renamed."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    with written_beside(path) as tmp:
         write_to(tmp)
         _fsync_file(tmp)
         os.replace(tmp, path)
+    _fsync_directory(path.parent)
+
+
+@contextlib.contextmanager
+def written_beside(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` for the caller to write and rename over it; if anything fails it
+    is removed, and an OS error (a full disk) becomes a ``DiskWriteError`` naming ``path``."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         error = write_error(path, exc)
         if error is exc:
             raise
         raise error from exc
-    _fsync_directory(path.parent)
 
 
 class DiskWriteError(OSError):
