@@ -73,6 +73,26 @@ def test_last_versions_are_kept_newest_first_and_the_same_step_replaces(tmp_path
     assert not (tmp_path / "best-1.ckpt").exists()  # only the resume checkpoint keeps a history
 
 
+def test_a_sharded_checkpoint_is_unfinished_until_its_manifest_and_keeps_its_previous_version(tmp_path):
+    # what FSDP2Strategy.save_checkpoint does around the ranks' DCP writes (tests/test_fsdp.py runs it)
+    folder = tmp_path / "checkpoints" / "last.ckpt"
+    for step in (2, 4):
+        checkpoint_files.begin_folder(folder, keep_last=2, step=step)
+        with pytest.raises(DamagedCheckpointError, match="never finished"):
+            verify_checkpoint(folder)  # a rank lost here leaves the folder marked
+        for rank in (0, 1):
+            (folder / f"__{rank}_0.distcp").write_bytes(bytes([step, rank]) * 100)
+        (folder / ".metadata").write_bytes(b"the plan")
+        checkpoint_files.write_folder_manifest(folder, step)
+        assert verify_checkpoint(folder)["step"] == step
+    previous = tmp_path / "checkpoints" / "last-1.ckpt"
+    assert verify_checkpoint(previous)["step"] == 2
+    truncate(folder / "__1_0.distcp")
+    with pytest.raises(DamagedCheckpointError, match=r"__1_0\.distcp is truncated"):
+        verify_checkpoint(folder)
+    assert train.find_resume_checkpoint(tmp_path) == previous
+
+
 def test_a_full_disk_while_saving_leaves_the_previous_checkpoint_and_names_the_path(tmp_path, monkeypatch):
     path = tmp_path / "last.ckpt"
     save_checkpoint_file(state(1), path, keep_last=2)

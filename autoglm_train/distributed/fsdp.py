@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
-from autoglm_train.utils.checkpoint_files import write_folder_manifest
+from autoglm_train.utils.checkpoint_files import begin_folder, write_folder_manifest
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +125,15 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().setup_environment()
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
-        # a sharded checkpoint is written by every rank (torch DCP), not through the CheckpointIO: its
-        # manifest (every file's size and checksum) is written once all ranks are done, by rank 0
+        # a sharded checkpoint is written by every rank (torch DCP), not through the CheckpointIO: rank 0
+        # first shifts the previous versions (checkpoint.keep_last) and marks the folder unfinished, and
+        # writes its manifest (every file's size and checksum) once all ranks are done
         step, config = checkpoint.get("global_step"), checkpoint.get("config")
+        if self._save_distributed_checkpoint:
+            filepath = self.broadcast(filepath)
+            if self.global_rank == 0:
+                begin_folder(filepath, getattr(self.checkpoint_io, "keep_last", 1), step)
+            self.barrier("sharded checkpoint begun")
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
         if self._save_distributed_checkpoint:
             self.barrier("sharded checkpoint written")

@@ -31,6 +31,8 @@ from autoglm_train.utils.files import atomic_write_json, written_beside
 
 MANIFEST_SUFFIX = ".manifest.json"
 FOLDER_MANIFEST = "manifest.json"
+# in a sharded checkpoint's folder while its ranks write it: a folder holding it was never finished
+FOLDER_WRITING = ".writing"
 CHUNK = 1 << 22
 # files whose previous versions are kept (the resume checkpoint); best.ckpt and exports are replaced
 KEPT_NAMES = ("last.ckpt",)
@@ -153,11 +155,25 @@ def save_checkpoint_file(checkpoint: dict, path: str | Path, keep_last: int = 1)
     return manifest
 
 
+def begin_folder(folder: str | Path, keep_last: int, step: int | None) -> None:
+    """Before the ranks write a sharded checkpoint (one rank calls this): the previous versions shift one
+    place older (as for a file), and the new folder is marked unfinished until its manifest is written."""
+    folder = Path(folder)
+    if folder.is_dir() and saved_step(folder) != step:
+        rotate(folder, keep_count(folder, keep_last))
+    elif folder.is_dir():  # the same step again: rewritten in place
+        manifest_path(folder).unlink(missing_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / FOLDER_WRITING).touch()
+
+
 def write_folder_manifest(folder: str | Path, step: int | None, config: Any = None) -> dict:
-    """The manifest of a sharded checkpoint (every file the ranks wrote), written last, by one rank."""
+    """The manifest of a sharded checkpoint (every file the ranks wrote), written last, by one rank once
+    all are done; it clears the unfinished mark."""
     folder = Path(folder)
     files = {}
-    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != FOLDER_MANIFEST):
+    skip = (FOLDER_MANIFEST, FOLDER_WRITING)
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in skip):
         size, sha = file_digest(f)
         files[str(f.relative_to(folder))] = {"size": size, "sha256": sha}
     manifest = {
@@ -167,6 +183,7 @@ def write_folder_manifest(folder: str | Path, step: int | None, config: Any = No
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     atomic_write_json(folder / FOLDER_MANIFEST, manifest, indent=2)
+    (folder / FOLDER_WRITING).unlink(missing_ok=True)
     _verified.pop(str(folder), None)
     return manifest
 
@@ -176,9 +193,12 @@ _verified: dict[str, tuple[tuple, dict | None]] = {}
 
 
 def _stamp(path: Path) -> tuple:
+    # a folder's own mtime does not change when a file in it is rewritten or cut: stamp every file
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     mp = manifest_path(path)
-    stats = [path.stat()] + ([mp.stat()] if mp.exists() else [])
-    return tuple((s.st_size, s.st_mtime_ns) for s in stats)
+    if not path.is_dir() and mp.exists():
+        files.append(mp)
+    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
 
 
 def verify_checkpoint(path: str | Path) -> dict | None:
@@ -191,6 +211,10 @@ def verify_checkpoint(path: str | Path) -> dict | None:
     cached = _verified.get(str(path))
     if cached and cached[0] == stamp:
         return cached[1]
+    if (path / FOLDER_WRITING).exists():
+        raise DamagedCheckpointError(
+            f"{path} was never finished: its ranks did not all write their shards (a rank lost mid-save?)"
+        )
     manifest = _read_manifest(path)
     if manifest is None:
         _check_without_manifest(path)
