@@ -60,11 +60,32 @@ def datamodule(train: list[str], val: list[str], **kwargs) -> ShardDataModule:
     return dm
 
 
-def assert_stall_named_and_cleaned_up(first_batch, url: str, sleep_argument: str, within: float) -> None:
-    start = time.monotonic()
+@pytest.fixture
+def clock_from_shard_opened(monkeypatch) -> dict:
+    """The loader's timeout clock starts at its first wait for a batch; on a loaded machine a worker may
+    not have opened its shard by then. So the first wait begins only once worker 0 has opened it (an
+    event, not a stretch of wall clock), and the test's clock starts there too."""
+    started: dict = {}
+    watch = ShardWatch.watch
+
+    def watch_once_opened(self, batches, timeout):
+        deadline = time.monotonic() + 300
+        while 0 not in self.reading():
+            assert time.monotonic() < deadline, "the worker never opened its shard"
+            time.sleep(0.05)
+        started["at"] = time.monotonic()
+        yield from watch(self, batches, timeout)
+
+    monkeypatch.setattr(ShardWatch, "watch", watch_once_opened)
+    return started
+
+
+def assert_stall_named_and_cleaned_up(
+    first_batch, url: str, sleep_argument: str, within: float, started: dict
+) -> None:
     with pytest.raises(ShardStallError) as info:
         first_batch()
-    took = time.monotonic() - start
+    took = time.monotonic() - started["at"]
     message = str(info.value)
     assert f"worker 0 was reading {url}" in message and f"in {TIMEOUT} s (data.timeout)" in message
     assert took < within, f"stall reported after {took:.1f} s"
@@ -77,7 +98,9 @@ def assert_stall_named_and_cleaned_up(first_batch, url: str, sleep_argument: str
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
-def test_a_stalled_pipe_shard_is_named_within_the_timeout_and_its_processes_end(tmp_path, split):
+def test_a_stalled_pipe_shard_is_named_within_the_timeout_and_its_processes_end(
+    tmp_path, split, clock_from_shard_opened
+):
     good = write_shard(tmp_path / "good.tar")
     url, sleep_argument = stalling_url(good)
     if split == "train":
@@ -86,7 +109,9 @@ def test_a_stalled_pipe_shard_is_named_within_the_timeout_and_its_processes_end(
     else:
         dm = datamodule([good], [url], timeout=TIMEOUT)
         batches = dm.val_dataloader()
-    assert_stall_named_and_cleaned_up(lambda: next(iter(batches)), url, sleep_argument, within=TIMEOUT + 8)
+    assert_stall_named_and_cleaned_up(
+        lambda: next(iter(batches)), url, sleep_argument, TIMEOUT + 8, clock_from_shard_opened
+    )
 
 
 @pytest.mark.slow
