@@ -86,10 +86,11 @@ def history_path(path: Path, i: int) -> Path:
 
 def history(path: str | Path) -> list[Path]:
     """``path`` and its kept previous versions that exist, newest first."""
-    path, found, i = Path(path), [], 0
-    while i == 0 or history_path(path, i).exists():
-        if history_path(path, i).exists():
-            found.append(history_path(path, i))
+    path = Path(path)
+    found = [path] if path.exists() else []
+    i = 1
+    while history_path(path, i).exists():  # rotation keeps them contiguous: the first gap ends them
+        found.append(history_path(path, i))
         i += 1
     return found
 
