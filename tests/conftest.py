@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,24 @@ def assert_rank_shares_equal_whole(rank_loss, whole: torch.Tensor, inputs: tuple
     grads = [torch.autograd.grad(loss / world, inputs) for loss in losses]
     for k, ref in enumerate(whole_grads):
         torch.testing.assert_close(sum(g[k] for g in grads), ref, rtol=1e-10, atol=1e-13)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _temp_files_under_pytest(tmp_path_factory):
+    """Temporary files of the suite, and of every process it starts, go under pytest's own base folder
+    (which keeps the last three sessions): what a process SIGKILLed on purpose (a preemption, a lost rank)
+    cannot remove, such as a loader's shard-watch folder, or wandb's temporary folders, is not left in
+    the system's temp folder."""
+    folder = str(tmp_path_factory.mktemp("tmp"))
+    saved = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = folder
+    tempfile.tempdir = None  # recomputed from TMPDIR on next use
+    yield
+    if saved is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved
+    tempfile.tempdir = None
 
 
 @pytest.fixture(autouse=True)
