@@ -14,7 +14,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from autoglm_train.data.shards import IMAGE_KEYS, expand_shards, read_image
+from autoglm_train.data.shards import IMAGE_KEYS, expand_shards, open_image, read_image, to_rgb
 
 Transform = Callable[[Image.Image], torch.Tensor]
 
@@ -62,8 +62,10 @@ def image_folder_batches(
         for label, name in enumerate(classes):
             for path in sorted((Path(root) / name).iterdir()):
                 if path.suffix.lower() in extensions:
-                    with Image.open(path) as img:
-                        yield img.convert("RGB"), label
+                    # opened and converted as training reads shards: size refused from the header,
+                    # 16-bit scaled, transparency onto the same background
+                    with open_image(path.read_bytes()) as img:
+                        yield to_rgb(img), label
 
     return batched(samples(), transform, batch_size)
 
