@@ -354,6 +354,7 @@ RUN_RULES = [
     text("task_name"),
     text("optimized_metric"),
     existing_file("ckpt_path", null=True),
+    existing_checkpoint("init_from", null=True),
 ]
 
 TOKENIZER_RULES = [

@@ -41,6 +41,7 @@ SAFE = (
     "resume.",
     "checkpoint.keep_last",
     "ckpt_path",
+    "init_from",  # read at the start only: a resumed run takes every weight from its checkpoint
     "progress_bar",
     "threads",
     "optimized_metric",

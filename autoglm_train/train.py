@@ -44,7 +44,7 @@ from autoglm_train.lit.module import DualEncoderModule
 from autoglm_train.lit.preemption import Preemption
 from autoglm_train.lit.run_state import RunState
 from autoglm_train.model.momentum import MomentumEncoder
-from autoglm_train.model.weights import load_checkpoint
+from autoglm_train.model.weights import init_from_checkpoint, load_checkpoint
 from autoglm_train.resume_config import check_resume_config
 from autoglm_train.utils.checkpoint_files import (
     DamagedCheckpointError,
@@ -250,9 +250,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
         check_resume(cfg, ckpt_path, config)
 
     # resuming (a requeued job too): the checkpoint holds every weight, so released weights and weight
-    # files are neither needed nor read again; otherwise missing weights fail here, before any data is made
-    model_cfg = without_weights(cfg.model) if ckpt_path else cfg.model
-    if not ckpt_path:
+    # files are neither needed nor read again; otherwise missing weights fail here, before any data is made.
+    # init_from: a fresh run (optimizer, schedule, step) from a trained run's weights and tokenizer
+    init_path = None if ckpt_path else cfg.get("init_from")
+    model_cfg = without_weights(cfg.model) if ckpt_path or init_path else cfg.model
+    if not (ckpt_path or init_path):
         check_model_weights(cfg.model)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()  # makes or checks the shards before anything expensive is built
@@ -262,10 +264,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
         model_cfg,
         datamodule.train_shards,
         datamodule.caption_key,
-        ckpt_path,
+        ckpt_path or init_path,
         output_dir / "tokenizer.json",
     )
     model = build_model(model_cfg, tokenizer)
+    if init_path:
+        init_from_checkpoint(model, init_path)
     datamodule.attach(
         tokenizer,
         model.image_tower.data_config,

@@ -138,16 +138,11 @@ def test_combined_and_siglip_losses_train_and_log_each_term(tiny_cfg, loss, colu
             "loss.distill_alpha=0.4",
         ],
         ["model.fusion.layers=1", "loss.text_negatives=swap", "model.grad_checkpointing=true"],
-        ["model.fusion.layers=1", "model.lock_image=true", "momentum.enabled=true"],  # LiT + a fusion stage
     ],
-    ids=["negatives+momentum", "fusion+negatives+checkpointing", "fusion+locked+momentum"],
+    ids=["negatives+momentum", "fusion+negatives+checkpointing"],
 )
 def test_binding_remedies_train_with_what_they_compose_with(tiny_cfg, extra, tmp_path):
-    from test_pretrained import resnet_file
-
     fusion = any(o.startswith("model.fusion") for o in extra)
-    if "model.lock_image=true" in extra:  # a locked tower is a trained one: a weights file of its name
-        extra = [*extra, f"model.image_tower.checkpoint={resnet_file(tmp_path, name='resnet18_narrow')[0]}"]
     cfg = tiny_cfg(
         *extra,
         "trainer.max_steps=6",
@@ -159,3 +154,46 @@ def test_binding_remedies_train_with_what_they_compose_with(tiny_cfg, extra, tmp
     if fusion:
         assert {"val/rerank_r1_mean", "val/rerank_hard_r1_binding"} <= set(metrics)
         assert all(math.isfinite(v) for v in metrics.values())
+
+
+def test_a_second_stage_starts_a_fusion_stage_on_a_trained_runs_locked_towers(tiny_cfg, tmp_path):
+    """init_from: stage 2 (LiT + a new fusion stage, with momentum) takes stage 1's weights and tokenizer,
+    keeps its locked towers exactly, and starts its own optimizer and step count."""
+    first = tiny_cfg("trainer.max_steps=4", output_dir=tmp_path / "first")
+    train.run(first)
+    stage1 = Path(first.paths.output_dir)
+    second = tiny_cfg(
+        f"init_from={stage1 / 'checkpoints' / 'last.ckpt'}",
+        "model.fusion.layers=1",
+        "model.lock_image=true",
+        "model.lock_image_freeze_bn=true",
+        "model.lock_text=true",
+        "momentum.enabled=true",
+        "loss.text_negatives=swap",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+        "eval.rerank.k=4",
+        output_dir=tmp_path / "second",
+    )
+    metrics = train.run(second)
+    stage2 = Path(second.paths.output_dir)
+    assert metrics["train/steps"] == 3 and "val/rerank_hard_r1_binding" in metrics
+    assert (stage2 / "tokenizer.json").read_text() == (stage1 / "tokenizer.json").read_text()
+    before = torch.load(stage1 / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    after = torch.load(stage2 / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    towers = [k for k in before if k.startswith(("model.image_tower.", "model.text_tower."))]
+    # frozen batch norm keeps no num_batches_tracked; every other tower tensor is stage 1's, unchanged
+    assert {k for k in towers if not k.endswith("num_batches_tracked")} <= after.keys()
+    assert towers and all(torch.equal(before[k], after[k]) for k in towers if k in after)
+    assert any(k.startswith("model.fusion.") for k in after) and not any("fusion" in k for k in before)
+    # the heads were trained on: stage 2 moved them from where stage 1 left them
+    assert not torch.equal(before["model.image_proj.weight"], after["model.image_proj.weight"])
+
+
+def test_init_from_refuses_a_checkpoint_that_shares_no_weight_with_the_model(tmp_path):
+    from autoglm_train.model.weights import init_from_checkpoint
+
+    path = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"model.elsewhere.weight": torch.zeros(2)}}, path)
+    with pytest.raises(ValueError, match="none of its weights belong to this model"):
+        init_from_checkpoint(torch.nn.Linear(2, 2), path)
