@@ -173,6 +173,7 @@ def test_a_second_stage_starts_a_fusion_stage_on_a_trained_runs_locked_towers(ti
         "trainer.max_steps=3",
         "trainer.val_check_interval=3",
         "eval.rerank.k=4",
+        "tokenizer.vocab_size=300",  # a tokenizer trained anew would differ from stage 1's
         output_dir=tmp_path / "second",
     )
     metrics = train.run(second)
