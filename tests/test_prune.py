@@ -59,6 +59,12 @@ def bottleneck_resnet() -> nn.Module:
     return randomize_batchnorm(ResNet(Bottleneck, [1, 1, 1, 1], num_classes=0, channels=(16, 32, 64, 128)))
 
 
+def narrow_resnet() -> nn.Module:
+    """A stem wider than the first stage, which starts with a projection shortcut (as resnet18_narrow)."""
+    torch.manual_seed(0)
+    return randomize_batchnorm(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=0, channels=(16, 32, 64, 128)))
+
+
 def dual_encoder() -> DualEncoder:
     torch.manual_seed(0)
     model = DualEncoder(
@@ -168,7 +174,7 @@ def test_ratio_zero_changes_nothing(build):
     model = build()
     before, params = run(model), count_params(model)
     report = prune_model(model, 0.0, example(model))
-    assert report["removed"] == {"heads": 0, "mlp": 0, "channels": 0}
+    assert report["removed"] == {"heads": 0, "mlp": 0, "channels": 0, "stem": 0}
     assert report["params_before"] == report["params_after"] == count_params(model) == params
     assert report["layers"] and all(b == a for b, a in report["layers"].values())
     torch.testing.assert_close(run(model), before, rtol=1e-5, atol=1e-5)
@@ -202,7 +208,10 @@ def test_half_ratio_prunes_a_whole_dual_encoder_but_not_its_projections():
     model = dual_encoder()
     projections = model.image_proj.weight.shape, model.text_proj.weight.shape
     report = prune_model(model, 0.5, DUAL_INPUTS)
-    assert report["removed"] == {"heads": 1, "mlp": 64, "channels": (64 + 128 + 256 + 512) * 2 // 2}
+    channels = (64 + 128 + 256 + 512) * 2 // 2
+    assert report["removed"] == {"heads": 1, "mlp": 64, "channels": channels, "stem": 0}
+    # resnet18's stem width is layer1's residual stream: kept, and the report names what it would cut
+    assert "layer1" in report["kept"]["image_tower.backbone.conv1"]
     assert "image_tower.backbone.layer1.0.conv1" in report["layers"]
     assert "text_tower.encoder.layers.0.attn" in report["layers"]
     check_resnet_halved(model.image_tower.backbone)  # BasicBlocks
@@ -288,6 +297,24 @@ def test_zeroed_conv_channels_are_removed():
     torch.testing.assert_close(run(model), before, rtol=1e-5, atol=1e-5)
 
 
+def test_zeroed_stem_channels_are_removed_where_the_stem_is_no_residual_stream():
+    model = narrow_resnet()
+    first = model.layer1[0]
+    channels = torch.randperm(64, generator=torch.Generator().manual_seed(2))[:32]
+    with torch.no_grad():
+        model.conv1.weight[channels] = 0
+        first.conv1.weight[:, channels] = 0  # BN's beta still leaks in; this cuts it
+        first.downsample[0].weight[:, channels] = 0
+    before = run(model)
+    report = prune_model(model, 0.5, IMAGES, targets=("stem",))
+    assert report["removed"] == {"heads": 0, "mlp": 0, "channels": 0, "stem": 32} and report["kept"] == {}
+    assert model.conv1.out_channels == model.bn1.num_features == 32
+    assert first.conv1.in_channels == first.downsample[0].in_channels == 32
+    assert (model.conv1.weight.abs().sum((1, 2, 3)) > 0).all()
+    torch.testing.assert_close(run(model), before, rtol=1e-5, atol=1e-5)
+    still_trains(model)
+
+
 # ---- taylor importance -----------------------------------------------------------------------------------
 
 
@@ -312,7 +339,7 @@ def test_taylor_removes_zero_gradient_structures_and_needs_gradients():
             layer.linear1.weight.grad[channels], layer.linear1.bias.grad[channels] = 0, 0
             layer.linear2.weight.grad[:, channels] = 0
     report = prune_model(tower, 0.25, TOKENS, importance="taylor", grads_available=True)
-    assert report["removed"] == {"heads": 2, "mlp": 64, "channels": 0}
+    assert report["removed"] == {"heads": 2, "mlp": 64, "channels": 0, "stem": 0}
     kept_channels = torch.tensor([c for c in range(128) if c % 4])
     for layer, q, w1 in zip(tower.encoder.layers, q_before, w1_before, strict=True):
         assert layer.heads == 3
@@ -339,7 +366,8 @@ def test_global_scope_removes_more_from_a_uniformly_weaker_layer():
             p.mul_(0.1)
     report = prune_model(tower, 0.5, TOKENS, scope="global", targets=("mlp",))
     kept0, kept1 = report["layers"]["encoder.layers.0.mlp"][1], report["layers"]["encoder.layers.1.mlp"][1]
-    assert kept1 < kept0 and kept1 >= 1 and report["removed"] == {"heads": 0, "mlp": 128, "channels": 0}
+    assert kept1 < kept0 and kept1 >= 1
+    assert report["removed"] == {"heads": 0, "mlp": 128, "channels": 0, "stem": 0}
     assert tower.encoder.layers[0].heads == 4 and run(tower).shape == (3, 32)
 
 

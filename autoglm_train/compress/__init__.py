@@ -6,4 +6,4 @@ QUANT_MODES = ("static", "dynamic", "none")
 # what the pruner (compress.prune) takes; here so that config checks need no torch_pruning
 IMPORTANCES = ("l1", "l2", "taylor")
 SCOPES = ("per_layer", "global")
-KINDS = ("heads", "mlp", "channels")
+KINDS = ("heads", "mlp", "channels", "stem")

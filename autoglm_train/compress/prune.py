@@ -1,7 +1,7 @@
 """Structured pruning of trained towers on Torch-Pruning's dependency graph: whole attention heads, MLP hidden
-channels and the inner channels of ResNet blocks are cut out and their modules rebuilt smaller, so the pruned
-model really has fewer parameters and FLOPs (nothing is masked); never a residual stream or a tower's output
-width.
+channels, the inner channels of ResNet blocks and a stem's width are cut out and their modules rebuilt
+smaller, so the pruned model really has fewer parameters and FLOPs (nothing is masked); never a residual
+stream or a tower's output width.
 
 For each tower a ``tp.DependencyGraph`` is traced from the example inputs (for a ``DualEncoder``: a function
 calling that tower's ``encode_image`` / ``encode_text``, projection included). Our text towers are first
@@ -12,7 +12,10 @@ converted, exactly, to ``PrunableEncoderLayer`` s (``compress/prunable_text.py``
               with them. Known blocks: our text layers, timm ``Attention`` (fused ``qkv``) and ``Mlp``,
               Hugging Face BERT-style self-attention (``query``, ``key``, ``value``) and layers
               (``intermediate.dense`` -> ``output.dense``), timm / torchvision ``BasicBlock`` and
-              ``Bottleneck``.
+              ``Bottleneck``. ``stem``: a convolutional tower's first conv -> BN outside its blocks; cut
+              only where its group passes the check below with the whole tower as its block (a stem that
+              feeds a projection shortcut, as in a narrow ResNet); a stem whose width is a residual stream
+              is kept and reported (``kept``), since asking for it is a "where possible".
     checks    the site's full tp group must stay inside its block: its only output-side cuts are the site's
               producers (whole, e.g. all three blocks of a fused qkv) and norms over exactly those channels;
               everything else it touches loses input columns only. A group reaching anything else would
@@ -265,6 +268,31 @@ def _conv_sites(name: str, block: nn.Module) -> tuple[list[_Site], list[str]]:
     return sites, problems
 
 
+def _stem_site(tower: _Tower) -> _Site | None:
+    """A convolutional tower's stem: its first plain Conv2d outside any residual block, followed by a
+    BatchNorm2d over its outputs (timm ResNets' ``conv1`` -> ``bn1``; a deep stem's first conv). Its output
+    width is a structure to cut only where the next stage starts with a projection shortcut (a narrow
+    ResNet's 64-wide stem before 32-wide blocks); where the stem feeds a residual stream, the group check
+    says so and the stem is kept (``prune_model`` reports why)."""
+    in_blocks: set[int] = set()
+    for _, module in tower.modules:
+        if type(module).__name__ in ("BasicBlock", "Bottleneck"):
+            in_blocks |= {id(m) for m in module.modules()}
+    ordered = [m for _, m in tower.modules]
+    for i, (name, module) in enumerate(tower.modules):
+        if type(module) is not nn.Conv2d or id(module) in in_blocks:
+            continue
+        norm = ordered[i + 1] if i + 1 < len(ordered) else None
+        if module.groups != 1 or not isinstance(norm, nn.BatchNorm2d):
+            return None
+        if norm.num_features != module.out_channels:
+            return None
+        root = tower.modules[0][1]
+        fn = tp.prune_conv_out_channels
+        return _Site("stem", name, root, module, fn, module.out_channels, 1, (module,))
+    return None
+
+
 def _has_state(module: nn.Module) -> bool:
     return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
 
@@ -300,6 +328,8 @@ def _find_sites(tower: _Tower, targets: Iterable[str]) -> tuple[list[_Site], lis
             found, blocked = _conv_sites(name, module)
             sites += found
             problems += [f"{name} ({type(module).__name__}): {why}" for why in blocked]
+    if "stem" in targets and (site := _stem_site(tower)):
+        sites.append(site)
     for name, module in tower.modules:
         missing = []
         for kind in sorted(_kinds_of(module) & targets):
@@ -503,7 +533,8 @@ def prune_model(
     l2 | taylor (needs ``accumulate_grads`` first and ``grads_available=True``); ``scope``: per_layer |
     global; ``targets``: any of ``KINDS``.
 
-    Returns ``{"params_before", "params_after", "removed": {kind: n}, "layers": {site: (before, after)}}``.
+    Returns ``{"params_before", "params_after", "removed": {kind: n}, "layers": {site: (before, after)},
+    "kept": {stem: why}}`` (``kept``: stems left whole because their channels are a residual stream).
     Raises ``ValueError`` when a block of a requested kind cannot be cut (named, with why), before anything
     is cut. Ratio 0 changes no module (text towers are still converted, exactly)."""
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
@@ -514,6 +545,7 @@ def prune_model(
 
     # everything is found and checked before anything is cut: a refused block leaves the model as it was
     plans = []
+    kept: dict[str, str] = {}  # stems whose width cannot be cut, and why
     with _traceable(model):
         for tower in towers:
             sites, problems = _find_sites(tower, targets)
@@ -545,9 +577,13 @@ def prune_model(
                     problems.append(f"{site.name} ({type(site.block).__name__}): tp raised {exc!r}")
                     continue
                 if why := _check_group(graph, site, site.group):
+                    if site.kind == "stem":  # a stem feeding a residual stream is kept, and said so
+                        kept[site.name] = why
+                        continue
                     problems.append(f"{site.name} ({type(site.block).__name__}): {why}")
             if problems:
                 _raise_unprunable(tower.name, problems)
+            sites = [site for site in sites if site.name not in kept]
             plans.append((tower, graph, sites, shapes))
 
     all_sites = [site for _, _, sites, _ in plans for site in sites]
@@ -594,6 +630,7 @@ def prune_model(
         "params_after": count_params(model),
         "removed": removed,
         "layers": layers,
+        "kept": kept,
     }
 
 

@@ -129,7 +129,7 @@ def sweep_plot(points: list[dict], path: Path) -> Path:
     ratios = [p["ratio"] for p in points]
     fig, left = plt.subplots(figsize=(6, 4))
     left.plot(ratios, [p["val/r1_mean"] for p in points], "o-", color="tab:blue", label="val/r1_mean")
-    left.set_xlabel("pruning ratio (heads, MLP and conv channels removed)")
+    left.set_xlabel("pruning ratio (heads, MLP, conv channels and stem removed)")
     left.set_ylabel("val/r1_mean", color="tab:blue")
     right = left.twinx()
     right.plot(ratios, [p["speedup"] for p in points], "s--", color="tab:red", label="CPU speed-up")

@@ -83,6 +83,8 @@ def prune_once(model, ratio: float, cfg: DictConfig, calibration: list[dict]) ->
         grads_available=taylor,
     )
     model.zero_grad(set_to_none=True)
+    for stem, why in report["kept"].items():
+        log.info("prune: the stem %s keeps its width (%s)", stem, why)
     return report
 
 
