@@ -18,7 +18,7 @@ from autoglm_train.build import build_model, without_weights
 from autoglm_train.data.tokenizer import CaptionTokenizer, tokenizer_from_json
 from autoglm_train.distributed.fsdp import is_checkpoint
 from autoglm_train.model.dual_encoder import DualEncoder
-from autoglm_train.model.weights import load_checkpoint
+from autoglm_train.model.weights import load_checkpoint, model_weights
 
 # what a run's config may instantiate: our code, the libraries towers come from, and Lightning (every run's
 # config names its Trainer, checkpoint callbacks and logger, though loading instantiates none of them)
@@ -76,8 +76,7 @@ def load_trained(ckpt: str | Path) -> Trained:
     state = load_checkpoint(ckpt)
     tokenizer = tokenizer_from_json(state["tokenizer_json"], cfg.tokenizer.context_length)
     model = build_model(without_weights(cfg.model), tokenizer)
-    weights = {k[len("model.") :]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(weights)
+    model.load_state_dict(model_weights(state["state_dict"]))
     return Trained(model.eval(), tokenizer, cfg, run_dir)
 
 

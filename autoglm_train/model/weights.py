@@ -251,12 +251,17 @@ def load_into(
         log.info("%s: all %d tensors loaded (%d classifier tensors dropped)", what, len(state), len(dropped))
 
 
+def model_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's tensors in a checkpoint of our training module (its keys under ``model.``, without it;
+    the rest, e.g. a momentum copy or a queue, is the module's own)."""
+    return {k[len("model.") :]: v for k, v in state_dict.items() if k.startswith("model.")}
+
+
 def init_from_checkpoint(model: nn.Module, path: str | Path) -> None:
     """``init_from``: a model starts from the weights it shares with a checkpoint of ours (a second stage:
     locked towers of a trained run and a new fusion stage). What the checkpoint lacks keeps its fresh
     initialisation and is logged; a checkpoint that shares nothing with the model is refused."""
-    state = load_checkpoint(path, mmap=True).get("state_dict") or {}
-    weights = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+    weights = model_weights(load_checkpoint(path, mmap=True).get("state_dict") or {})
     if not weights.keys() & model.state_dict().keys():
         raise ValueError(
             f"init_from={path}: none of its weights belong to this model (is it a checkpoint of ours, of "
