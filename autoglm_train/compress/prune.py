@@ -53,6 +53,7 @@ import numbers
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import torch
 import torch_pruning as tp
@@ -240,12 +241,15 @@ def _mlp_site(name: str, module: nn.Module) -> _Site | None:
     return None
 
 
+_RESNET_BLOCKS = ("BasicBlock", "Bottleneck")  # timm's and torchvision's, by class name
+
+
 def _conv_sites(name: str, block: nn.Module) -> tuple[list[_Site], list[str]]:
     """ResNet blocks: conv1 (and a Bottleneck's conv2) out -> BN -> next conv in. The last conv feeds the
     residual sum and is never a root. An anti-aliasing layer (timm ``aa``) with weights or buffers (a blur
     filter per channel) has its own channel count, which tp cannot see: that path is refused. A stateless
     one (average pooling) does not care about channels and is let through."""
-    if type(block).__name__ not in ("BasicBlock", "Bottleneck"):
+    if type(block).__name__ not in _RESNET_BLOCKS:
         return [], []
     bottleneck = isinstance(getattr(block, "conv3", None), nn.Conv2d)
     pairs = [("conv1", "bn1"), ("conv2", "bn2")] if bottleneck else [("conv1", "bn1")]
@@ -274,22 +278,16 @@ def _stem_site(tower: _Tower) -> _Site | None:
     width is a structure to cut only where the next stage starts with a projection shortcut (a narrow
     ResNet's 64-wide stem before 32-wide blocks); where the stem feeds a residual stream, the group check
     says so and the stem is kept (``prune_model`` reports why)."""
-    in_blocks: set[int] = set()
-    for _, module in tower.modules:
-        if type(module).__name__ in ("BasicBlock", "Bottleneck"):
-            in_blocks |= {id(m) for m in module.modules()}
-    ordered = [m for _, m in tower.modules]
-    for i, (name, module) in enumerate(tower.modules):
-        if type(module) is not nn.Conv2d or id(module) in in_blocks:
+    in_blocks = {id(m) for _, b in tower.modules if type(b).__name__ in _RESNET_BLOCKS for m in b.modules()}
+    for (name, conv), (_, norm) in pairwise(tower.modules):
+        if type(conv) is not nn.Conv2d or id(conv) in in_blocks:
             continue
-        norm = ordered[i + 1] if i + 1 < len(ordered) else None
-        if module.groups != 1 or not isinstance(norm, nn.BatchNorm2d):
+        if conv.groups != 1 or not isinstance(norm, nn.BatchNorm2d) or norm.num_features != conv.out_channels:
             return None
-        if norm.num_features != module.out_channels:
-            return None
-        root = tower.modules[0][1]
-        fn = tp.prune_conv_out_channels
-        return _Site("stem", name, root, module, fn, module.out_channels, 1, (module,))
+        tower_module = tower.modules[0][1]
+        return _Site(
+            "stem", name, tower_module, conv, tp.prune_conv_out_channels, conv.out_channels, 1, (conv,)
+        )
     return None
 
 
